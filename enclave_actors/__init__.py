@@ -1,0 +1,1 @@
+"""Enclave executors and enclave actors (the executor issue builds this package)."""

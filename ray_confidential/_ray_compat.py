@@ -1,0 +1,14 @@
+"""Every use of a Ray API outside ``ray``'s stable public surface, in one place.
+
+``tests/test_ray_contract.py`` fails when Ray changes any of these.
+"""
+
+from __future__ import annotations
+
+import ray._private.services as _services
+
+
+def running_cluster_address() -> str | None:
+    """The cluster ``ray.init()`` with no address would connect to (RAY_ADDRESS, or the last
+    ``ray start`` cluster on this host), or None when it would start a new local one."""
+    return _services.canonicalize_bootstrap_address(None)  # type: ignore[no-any-return]

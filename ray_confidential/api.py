@@ -1,0 +1,236 @@
+"""The Ray-facing API: ``init``, ``shutdown``, ``create_domain``, ``put``, ``get``, ``export``.
+
+    >>> import ray_confidential as rc                    # doctest: +SKIP
+    >>> rc.init()                                        # doctest: +SKIP
+    >>> rc.create_domain("hospital")                     # doctest: +SKIP
+    >>> ref = rc.put(table, domain="hospital")           # doctest: +SKIP
+    >>> rc.get(ref).equals(table)                        # doctest: +SKIP
+    True
+
+Ray only ever sees ciphertext: a sealed value reduces to a ``pickle.PickleBuffer`` over the sealed
+bytes, so the object store, spill files and transfers hold ciphertext (docs/sealed-format.md).
+How ``init`` chooses between the embedded development services and a configured broker is the
+table in the README ("rc.init").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from ray_confidential import _ray_compat
+from ray_confidential.domains import DomainDescriptor, DomainPolicy
+from ray_confidential.errors import KeyReleaseDenied
+from ray_confidential.keyservice import DevKeyService, KeyService, PublicDirectory
+from ray_confidential.sealed import open_sealed
+from ray_confidential.sealed.format import DomainPublicKey, SealedHeader, seal
+
+logger = logging.getLogger(__name__)
+DOMAINS_ENV = "RAY_CONFIDENTIAL_DOMAINS"
+"""Path of a published-descriptors JSON file (``ray-confidential domain export``) for drivers that
+hold no key service: they can seal to those domains but never open."""
+
+
+class _SealedPayload:
+    """What Ray stores: the sealed bytes, serialized out-of-band as one ``PickleBuffer``."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, tuple[pickle.PickleBuffer]]:
+        return (_SealedPayload, (pickle.PickleBuffer(self.data),))
+
+
+class SealedRef:
+    """A reference to a sealed object in Ray's object store, with its public metadata.
+
+    Safe to pass to tasks and actors: it carries only the ObjectRef, domain name, key version,
+    object id and size. Open it with :func:`get` where the right to open exists.
+    """
+
+    __slots__ = ("domain", "key_version", "object_id", "object_ref", "size")
+
+    def __init__(self, object_ref: ray.ObjectRef, *, domain: str, key_version: int, object_id: str, size: int):
+        self.object_ref = object_ref
+        self.domain = domain
+        self.key_version = key_version
+        self.object_id = object_id
+        self.size = size
+
+    def __reduce__(self) -> Any:
+        return (_sealed_ref, (self.object_ref, self.domain, self.key_version, self.object_id, self.size))
+
+    def __repr__(self) -> str:
+        return f"SealedRef(domain={self.domain!r}, version={self.key_version}, object_id={self.object_id[:16]}…, size={self.size})"
+
+
+def _sealed_ref(object_ref: ray.ObjectRef, domain: str, key_version: int, object_id: str, size: int) -> SealedRef:
+    return SealedRef(object_ref, domain=domain, key_version=key_version, object_id=object_id, size=size)
+
+
+@dataclass
+class _Session:
+    key_service: KeyService
+    owner: bool
+    mode: str
+    started_ray: bool
+
+
+_session: _Session | None = None
+_lock = threading.Lock()
+
+
+class _Staging:
+    """A reused staging buffer for sealing (sealing writes here, ``ray.put`` copies it to plasma)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.lock = threading.Lock()
+
+    def allocate(self, size: int) -> memoryview:
+        if len(self._buf) < size:
+            self._buf = bytearray(max(size, len(self._buf) * 5 // 4))
+        return memoryview(self._buf)[:size]
+
+
+_staging = _Staging()
+
+
+def _session_or_die() -> _Session:
+    if _session is None:
+        raise RuntimeError("ray_confidential is not initialised: call rc.init() first")
+    return _session
+
+
+def init(*, dev: bool | None = None, **ray_init_kwargs: Any) -> None:
+    """Connect to (or start) Ray and choose the key service, exactly as the README's table says.
+
+    Args:
+        dev: True starts the development key service in this process even when connecting to an
+            existing cluster; None (default) starts it only for a new local cluster.
+        **ray_init_kwargs: passed to ``ray.init`` unchanged.
+
+    Raises:
+        ValueError: connecting without ``dev=True`` and no published domain descriptors configured.
+    """
+    global _session
+    with _lock:
+        if _session is not None:
+            raise RuntimeError("ray_confidential is already initialised; call rc.shutdown() first")
+        address = ray_init_kwargs.get("address")
+        implicit = _ray_compat.running_cluster_address() if address in (None, "auto") else None
+        connecting = address not in (None, "local") or implicit is not None
+        if connecting and not dev:
+            path = os.environ.get(DOMAINS_ENV)
+            if not path:
+                raise ValueError(
+                    "connecting to an existing Ray cluster without development services: no key broker "
+                    f"is configured. Set {DOMAINS_ENV}=descriptors.json (published domain descriptors: "
+                    "seal only, open off-cluster), or pass dev=True to start clearly labelled "
+                    "development services in this process"
+                )
+            service: KeyService = PublicDirectory.from_file(path)
+            owner, mode = False, "connect"
+        elif dev is False:
+            raise ValueError("dev=False with a new local cluster leaves no key service; omit dev or pass dev=True")
+        else:
+            service, owner = DevKeyService(), True
+            mode = "local" if not connecting else ("dev-implicit" if address in (None, "auto") else "dev-explicit")
+            logger.warning(
+                "ray_confidential: DEVELOPMENT key service in this process (state in %s); "
+                "no attestation, this driver owns its domains", DevKeyService().state_dir,
+            )
+        started = False
+        if not ray.is_initialized():
+            ray.init(**ray_init_kwargs)
+            started = True
+        _session = _Session(key_service=service, owner=owner, mode=mode, started_ray=started)
+
+
+def shutdown() -> None:
+    """Forget keys held by this process and disconnect from Ray (if ``init`` connected)."""
+    global _session
+    with _lock:
+        session, _session = _session, None
+    if session is not None and session.started_ray and ray.is_initialized():
+        ray.shutdown()
+
+
+def create_domain(name: str, *, policy: DomainPolicy | None = None) -> DomainDescriptor:
+    """Create a domain (development key service only).
+
+    ``policy=None`` means the development policy (any bundle, any measurement under the simulated
+    root, any TEE kind, pool or region, no pickle), with a loud warning. Creating it again with the
+    same policy is a no-op; with a different policy, a ValueError.
+    """
+    service = _session_or_die().key_service
+    if not isinstance(service, DevKeyService):
+        raise KeyReleaseDenied(
+            "domains are created by their owner at the key broker, not from a cluster driver; "
+            "use rc.init(dev=True) for local development"
+        )
+    if policy is None:
+        policy = DomainPolicy.development()
+    return service.create_domain(name, policy)
+
+
+def put(value: Any, *, domain: str) -> SealedRef:
+    """Seal ``value`` to ``domain``'s current public key and store the ciphertext with ``ray.put``."""
+    session = _session_or_die()
+    if not isinstance(domain, str):
+        raise TypeError("domain must be the domain name, e.g. rc.put(table, domain='hospital')")
+    return seal_and_put(value, session.key_service.descriptor(domain))
+
+
+def seal_and_put(value: Any, descriptor: DomainDescriptor) -> SealedRef:
+    """Seal ``value`` to a published descriptor and ``ray.put`` the ciphertext.
+
+    Needs only public information, so it also works inside ordinary (untrusted) Ray workers.
+    """
+    key = DomainPublicKey(domain=descriptor.name, version=descriptor.version, public_key=descriptor.public_key)
+    producer = ray.get_runtime_context().get_node_id()[:32]
+    with _staging.lock:
+        sealed = seal(value, key, producer_id=producer, allow_pickle=descriptor.allow_pickle, allocate=_staging.allocate)
+        header = SealedHeader.parse(sealed[: min(len(sealed), 16384)])
+        object_ref = ray.put(_SealedPayload(sealed))
+    return SealedRef(
+        object_ref, domain=descriptor.name, key_version=descriptor.version, object_id=header.object_id.hex(),
+        size=len(sealed),
+    )
+
+
+def _payload(ref: SealedRef | ray.ObjectRef, timeout: float | None) -> Any:
+    if isinstance(ref, SealedRef):
+        ref = ref.object_ref
+    if not isinstance(ref, ray.ObjectRef):
+        raise TypeError(f"expected a SealedRef (or an ObjectRef holding one), got {type(ref).__name__}")
+    value = ray.get(ref, timeout=timeout)
+    if isinstance(value, SealedRef):
+        return _payload(value, timeout)
+    if not isinstance(value, _SealedPayload):
+        raise TypeError("this ObjectRef does not hold a sealed object")
+    return value.data
+
+
+def get(ref: SealedRef | ray.ObjectRef, *, timeout: float | None = None) -> Any:
+    """Fetch and open a sealed object where this process holds the right to open it.
+
+    Raises:
+        KeyReleaseDenied: this driver holds no key for the domain (open the export off-cluster).
+        DecryptionError: the object was tampered with or its key version is retired.
+    """
+    session = _session_or_die()
+    return open_sealed(_payload(ref, timeout), session.key_service)
+
+
+def export(ref: SealedRef | ray.ObjectRef, *, timeout: float | None = None) -> bytes:
+    """The sealed bytes of ``ref``, for the owner to open off-cluster (``ray-confidential open``)."""
+    return bytes(_payload(ref, timeout))

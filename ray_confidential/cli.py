@@ -1,0 +1,140 @@
+"""``ray-confidential`` command line.
+
+    ray-confidential demo                       # local confidential demo on the embedded default
+    ray-confidential open FILE [--out PATH]     # owner opens exported sealed bytes off-cluster
+    ray-confidential domain list | export NAME  # development domains in the per-user state dir
+    ray-confidential evidence verify --tee ...  # verify TEE evidence (see --help)
+
+Imports are deferred to each command, so ``ray-confidential evidence ...`` starts without Ray.
+Exit codes: 0 success, 1 a check failed, 2 unusable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ray_confidential import demo
+
+    return demo.run(rows=args.rows)
+
+
+def _describe(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    if hasattr(value, "num_rows"):
+        return f"{type(value).__name__}: {value.num_rows:,} rows, columns {value.column_names}"
+    if shape is not None:
+        return f"{type(value).__name__}: shape {tuple(shape)}, dtype {getattr(value, 'dtype', '?')}"
+    if isinstance(value, bytes):
+        return f"bytes: {len(value):,} bytes"
+    return f"{type(value).__name__}: {json.dumps(value)[:200]}"
+
+
+def _write(value: Any, out: Path) -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    if isinstance(value, (pa.Table, pa.RecordBatch)):
+        with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_file(sink, value.schema) as writer:
+            writer.write(value)
+    elif isinstance(value, np.ndarray):
+        np.save(out, value, allow_pickle=False)
+    elif isinstance(value, bytes):
+        out.write_bytes(value)
+    else:
+        try:
+            out.write_text(json.dumps(value))
+        except TypeError:
+            raise ValueError(f"cannot write a {type(value).__name__} to a file; use the Python API") from None
+
+
+def _cmd_open(args: argparse.Namespace) -> int:
+    from ray_confidential.errors import ConfidentialError
+    from ray_confidential.keyservice import DevKeyService
+    from ray_confidential.sealed import open_sealed
+
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"error: {path} is not a file", file=sys.stderr)
+        return 2
+    try:
+        value = open_sealed(path.read_bytes(), DevKeyService(args.state_dir))
+    except ConfidentialError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(_describe(value))
+    if args.out:
+        _write(value, Path(args.out))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_domain(args: argparse.Namespace) -> int:
+    from ray_confidential.keyservice import DevKeyService
+
+    service = DevKeyService(args.state_dir)
+    if args.domain_cmd == "list":
+        for name in service.domains():
+            desc = service.descriptor(name)
+            print(f"{name}\tversion {desc.version}\t{desc.public_key.suite}\tpolicy {desc.policy_hash[:16]}")
+        return 0
+    try:
+        descs = [service.descriptor(n).to_dict() for n in args.names]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"domains": descs}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ray-confidential", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the local confidential demo (local Ray + dev key service)")
+    demo.add_argument("--rows", type=int, default=200_000, help="rows in the demo table")
+    demo.set_defaults(func=_cmd_demo)
+
+    opener = sub.add_parser("open", help="open exported sealed bytes as the domain owner")
+    opener.add_argument("file")
+    opener.add_argument("--out", help="write the plaintext (Arrow IPC file, .npy, raw bytes or JSON)")
+    opener.add_argument("--state-dir", help="development key state directory (default: per-user)")
+    opener.set_defaults(func=_cmd_open)
+
+    domain = sub.add_parser("domain", help="development domains held in the per-user state directory")
+    dsub = domain.add_subparsers(dest="domain_cmd", required=True)
+    dsub.add_parser("list", help="list domains").set_defaults(func=_cmd_domain)
+    exp = dsub.add_parser("export", help="print published descriptors (public keys) as JSON")
+    exp.add_argument("names", nargs="+")
+    exp.set_defaults(func=_cmd_domain)
+    for p in dsub.choices.values():
+        p.add_argument("--state-dir", help="development key state directory (default: per-user)")
+
+    try:
+        from ray_confidential.attestation import cli as evidence_cli
+    except ImportError:  # pragma: no cover - attestation CLI not installed
+        evidence_cli = None  # type: ignore[assignment]
+    if evidence_cli is not None and hasattr(evidence_cli, "add_parser"):
+        evidence_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        from ray_confidential.attestation import cli as evidence_cli
+
+        return int(evidence_cli.run(args))
+    return int(func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

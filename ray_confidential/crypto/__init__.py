@@ -1,0 +1,1 @@
+"""Cryptographic primitives behind sealed objects (hazmat: the public recipes are in ``sealed``)."""

@@ -1,0 +1,29 @@
+"""Sealed objects: the public recipes ``seal`` / ``open_sealed``; format details in ``format``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ray_confidential.errors import DecryptionError
+from ray_confidential.sealed.format import DomainPublicKey, SealedHeader, open_with_dek, seal
+
+if TYPE_CHECKING:
+    from ray_confidential.keyservice import KeyService
+
+__all__ = ["DomainPublicKey", "SealedHeader", "open_sealed", "seal"]
+
+
+def open_sealed(data: Any, key_service: "KeyService") -> Any:
+    """Open sealed bytes through ``key_service`` (which decides whether the caller may).
+
+    Raises:
+        KeyReleaseDenied: the key service will not unwrap for this caller.
+        DecryptionError: the object was tampered with, or its key version is retired or unknown.
+    """
+    header = SealedHeader.parse(data)
+    dek = key_service.unwrap(header.wrapped_dek, header.header_hash, header.header_bytes)
+    try:
+        allow_pickle = key_service.descriptor(header.domain, header.key_version).allow_pickle
+    except ValueError as exc:
+        raise DecryptionError() from exc
+    return open_with_dek(data, dek, allow_pickle=allow_pickle, header=header)

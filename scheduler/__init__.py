@@ -1,0 +1,1 @@
+"""Attestation-gated placement and node pools (the placement issue builds this package)."""

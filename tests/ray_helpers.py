@@ -1,0 +1,26 @@
+"""Helpers for tests that start real Ray clusters (loopback only, no dashboard)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+
+def spill_config(spill_dir: Path) -> dict[str, Any]:
+    """ray.init kwargs for a small object store that spills to ``spill_dir``."""
+    return {
+        "object_store_memory": 80 << 20,
+        "include_dashboard": False,
+        "_system_config": {
+            "object_spilling_config": json.dumps({"type": "filesystem", "params": {"directory_path": str(spill_dir)}}),
+            "min_spilling_size": 0,
+        },
+    }
+
+
+def marked_table(marker: str, rows: int = 50_000) -> pa.Table:
+    return pa.table({"name": [f"{marker}-{i}" for i in range(rows)], "x": np.arange(rows)})
