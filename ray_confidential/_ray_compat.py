@@ -11,4 +11,5 @@ import ray._private.services as _services
 def running_cluster_address() -> str | None:
     """The cluster ``ray.init()`` with no address would connect to (RAY_ADDRESS, or the last
     ``ray start`` cluster on this host), or None when it would start a new local one."""
-    return _services.canonicalize_bootstrap_address(None)  # type: ignore[no-any-return]
+    address: str | None = _services.canonicalize_bootstrap_address(None)  # type: ignore[arg-type]
+    return address

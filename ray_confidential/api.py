@@ -58,7 +58,9 @@ class SealedRef:
 
     __slots__ = ("domain", "key_version", "object_id", "object_ref", "size")
 
-    def __init__(self, object_ref: ray.ObjectRef, *, domain: str, key_version: int, object_id: str, size: int):
+    def __init__(
+        self, object_ref: ray.ObjectRef[Any], *, domain: str, key_version: int, object_id: str, size: int
+    ):
         self.object_ref = object_ref
         self.domain = domain
         self.key_version = key_version
@@ -72,7 +74,9 @@ class SealedRef:
         return f"SealedRef(domain={self.domain!r}, version={self.key_version}, object_id={self.object_id[:16]}…, size={self.size})"
 
 
-def _sealed_ref(object_ref: ray.ObjectRef, domain: str, key_version: int, object_id: str, size: int) -> SealedRef:
+def _sealed_ref(
+    object_ref: ray.ObjectRef[Any], domain: str, key_version: int, object_id: str, size: int
+) -> SealedRef:
     return SealedRef(object_ref, domain=domain, key_version=key_version, object_id=object_id, size=size)
 
 
@@ -140,13 +144,20 @@ def init(*, dev: bool | None = None, **ray_init_kwargs: Any) -> None:
             service: KeyService = PublicDirectory.from_file(path)
             owner, mode = False, "connect"
         elif dev is False:
-            raise ValueError("dev=False with a new local cluster leaves no key service; omit dev or pass dev=True")
+            raise ValueError(
+                "dev=False with a new local cluster leaves no key service; omit dev or pass dev=True"
+            )
         else:
             service, owner = DevKeyService(), True
-            mode = "local" if not connecting else ("dev-implicit" if address in (None, "auto") else "dev-explicit")
+            mode = (
+                "local"
+                if not connecting
+                else ("dev-implicit" if address in (None, "auto") else "dev-explicit")
+            )
             logger.warning(
                 "ray_confidential: DEVELOPMENT key service in this process (state in %s); "
-                "no attestation, this driver owns its domains", DevKeyService().state_dir,
+                "no attestation, this driver owns its domains",
+                DevKeyService().state_dir,
             )
         started = False
         if not ray.is_initialized():
@@ -195,19 +206,26 @@ def seal_and_put(value: Any, descriptor: DomainDescriptor) -> SealedRef:
 
     Needs only public information, so it also works inside ordinary (untrusted) Ray workers.
     """
-    key = DomainPublicKey(domain=descriptor.name, version=descriptor.version, public_key=descriptor.public_key)
+    key = DomainPublicKey(
+        domain=descriptor.name, version=descriptor.version, public_key=descriptor.public_key
+    )
     producer = ray.get_runtime_context().get_node_id()[:32]
     with _staging.lock:
-        sealed = seal(value, key, producer_id=producer, allow_pickle=descriptor.allow_pickle, allocate=_staging.allocate)
+        sealed = seal(
+            value, key, producer_id=producer, allow_pickle=descriptor.allow_pickle, allocate=_staging.allocate
+        )
         header = SealedHeader.parse(sealed[: min(len(sealed), 16384)])
         object_ref = ray.put(_SealedPayload(sealed))
     return SealedRef(
-        object_ref, domain=descriptor.name, key_version=descriptor.version, object_id=header.object_id.hex(),
+        object_ref,
+        domain=descriptor.name,
+        key_version=descriptor.version,
+        object_id=header.object_id.hex(),
         size=len(sealed),
     )
 
 
-def _payload(ref: SealedRef | ray.ObjectRef, timeout: float | None) -> Any:
+def _payload(ref: SealedRef | ray.ObjectRef[Any], timeout: float | None) -> Any:
     if isinstance(ref, SealedRef):
         ref = ref.object_ref
     if not isinstance(ref, ray.ObjectRef):
@@ -220,7 +238,7 @@ def _payload(ref: SealedRef | ray.ObjectRef, timeout: float | None) -> Any:
     return value.data
 
 
-def get(ref: SealedRef | ray.ObjectRef, *, timeout: float | None = None) -> Any:
+def get(ref: SealedRef | ray.ObjectRef[Any], *, timeout: float | None = None) -> Any:
     """Fetch and open a sealed object where this process holds the right to open it.
 
     Raises:
@@ -231,6 +249,6 @@ def get(ref: SealedRef | ray.ObjectRef, *, timeout: float | None = None) -> Any:
     return open_sealed(_payload(ref, timeout), session.key_service)
 
 
-def export(ref: SealedRef | ray.ObjectRef, *, timeout: float | None = None) -> bytes:
+def export(ref: SealedRef | ray.ObjectRef[Any], *, timeout: float | None = None) -> bytes:
     """The sealed bytes of ``ref``, for the owner to open off-cluster (``ray-confidential open``)."""
     return bytes(_payload(ref, timeout))

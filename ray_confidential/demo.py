@@ -53,7 +53,9 @@ def run(out: TextIO = sys.stdout, *, rows: int = 200_000) -> int:
         object_store_memory=100 << 20,
         include_dashboard=False,
         _system_config={
-            "object_spilling_config": json.dumps({"type": "filesystem", "params": {"directory_path": str(spill_dir)}}),
+            "object_spilling_config": json.dumps(
+                {"type": "filesystem", "params": {"directory_path": str(spill_dir)}}
+            ),
             "min_spilling_size": 0,
         },
     )
@@ -92,13 +94,19 @@ def run(out: TextIO = sys.stdout, *, rows: int = 200_000) -> int:
         del fillers
         opened = rc.get(ref)
         same = opened.equals(table)
-        step(6, f"Opened as the owner: {opened.num_rows:,} rows, identical to the input: {same}; first: {opened.slice(0, 1).to_pylist()[0]}")
+        step(
+            6,
+            f"Opened as the owner: {opened.num_rows:,} rows, identical to the input: {same}; first: {opened.slice(0, 1).to_pylist()[0]}",
+        )
         ok &= same
         export_dir = default_state_dir() / "demo"
         export_dir.mkdir(parents=True, exist_ok=True)
         export_path = export_dir / "patients.sealed"
         export_path.write_bytes(rc.export(ref))
-        step(7, f"Exported the sealed bytes to {export_path}\n      open them off-cluster: ray-confidential open {export_path}")
+        step(
+            7,
+            f"Exported the sealed bytes to {export_path}\n      open them off-cluster: ray-confidential open {export_path}",
+        )
     finally:
         rc.shutdown()
     print("demo: " + ("OK, Ray held only ciphertext" if ok else "FAILED: see the lines marked (!)"), file=out)

@@ -66,7 +66,9 @@ class DomainPolicy:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["measurements"] = None if self.measurements is None else {k: list(v) for k, v in self.measurements.items()}
+        d["measurements"] = (
+            None if self.measurements is None else {k: list(v) for k, v in self.measurements.items()}
+        )
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
     @classmethod

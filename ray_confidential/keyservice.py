@@ -90,6 +90,7 @@ class DevKeyService:
     def __init__(self, state_dir: str | os.PathLike[str] | None = None) -> None:
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         self._keys: dict[tuple[str, int], hpke.PrivateKeyHandle] = {}
+        self._records: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
         self.unwrap_count = 0
 
     def __reduce__(self) -> Any:
@@ -110,11 +111,20 @@ class DevKeyService:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _load(self, name: str) -> dict[str, Any] | None:
+    def _load(self, name: str, *, fresh: bool = False) -> dict[str, Any] | None:
+        """The domain's record; cached while the file is unchanged (other processes may rotate)."""
         path = self._domain_path(name)
-        if not path.exists():
+        try:
+            st = path.stat()
+        except FileNotFoundError:
             return None
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        cached = self._records.get(name)
+        if not fresh and cached is not None and cached[0] == stamp:
+            return cached[1]
         record: dict[str, Any] = json.loads(path.read_text())
+        if not fresh:
+            self._records[name] = (stamp, record)
         return record
 
     def _store(self, name: str, record: Mapping[str, Any]) -> None:
@@ -146,7 +156,7 @@ class DevKeyService:
         _name(name, "domain")
         policy = policy if policy is not None else DomainPolicy.development()
         with self._locked():
-            record = self._load(name)
+            record = self._load(name, fresh=True)
             if record is not None:
                 existing = DomainPolicy.from_dict(record["policy"])
                 if existing != policy:
@@ -160,7 +170,12 @@ class DevKeyService:
                 "name": name,
                 "policy": policy.to_dict(),
                 "versions": [
-                    {"version": 1, "suite": suite, "private_key": key.export_private_bytes().hex(), "retired": False}
+                    {
+                        "version": 1,
+                        "suite": suite,
+                        "private_key": key.export_private_bytes().hex(),
+                        "retired": False,
+                    }
                 ],
             }
             self._store(name, record)
@@ -170,7 +185,7 @@ class DevKeyService:
     def update_policy(self, name: str, policy: DomainPolicy) -> None:
         """Replace a domain's policy (audited)."""
         with self._locked():
-            record = self._require(name)
+            record = self._require(name, fresh=True)
             old = DomainPolicy.from_dict(record["policy"]).policy_hash()
             record["policy"] = policy.to_dict()
             self._store(name, record)
@@ -179,12 +194,17 @@ class DevKeyService:
     def rotate(self, name: str, *, suite: str | None = None) -> DomainDescriptor:
         """Add a new key version (the new default for sealing); older versions still open."""
         with self._locked():
-            record = self._require(name)
+            record = self._require(name, fresh=True)
             latest = record["versions"][-1]
             key = hpke.generate_private_key(suite or latest["suite"])
             version = latest["version"] + 1
             record["versions"].append(
-                {"version": version, "suite": key.suite, "private_key": key.export_private_bytes().hex(), "retired": False}
+                {
+                    "version": version,
+                    "suite": key.suite,
+                    "private_key": key.export_private_bytes().hex(),
+                    "retired": False,
+                }
             )
             self._store(name, record)
             self._audit("rotate", domain=name, version=version)
@@ -193,7 +213,7 @@ class DevKeyService:
     def retire(self, name: str, version: int) -> None:
         """Retire a key version: objects sealed under it can no longer be opened."""
         with self._locked():
-            record = self._require(name)
+            record = self._require(name, fresh=True)
             entry = self._version(record, version)
             entry["retired"] = True
             self._store(name, record)
@@ -249,8 +269,8 @@ class DevKeyService:
         return self._private(parsed.domain, entries[0]).unwrap(wrapped_dek, info=header_hash)
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _require(self, name: str) -> dict[str, Any]:
-        record = self._load(name)
+    def _require(self, name: str, *, fresh: bool = False) -> dict[str, Any]:
+        record = self._load(name, fresh=fresh)
         if record is None:
             raise ValueError(f"unknown domain {name!r}: create it first with rc.create_domain({name!r})")
         return record

@@ -16,7 +16,9 @@ def spill_config(spill_dir: Path) -> dict[str, Any]:
         "object_store_memory": 80 << 20,
         "include_dashboard": False,
         "_system_config": {
-            "object_spilling_config": json.dumps({"type": "filesystem", "params": {"directory_path": str(spill_dir)}}),
+            "object_spilling_config": json.dumps(
+                {"type": "filesystem", "params": {"directory_path": str(spill_dir)}}
+            ),
             "min_spilling_size": 0,
         },
     }

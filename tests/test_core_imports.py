@@ -28,7 +28,9 @@ def test_core_never_imports_ray_or_torch() -> None:
         + "bad = sorted(m for m in ('ray', 'torch') if m in sys.modules)\n"
         + "print(','.join(bad))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert out.stdout.strip() == "", f"core imported: {out.stdout.strip()}"
 
 

@@ -28,7 +28,7 @@ def test_create_is_idempotent_for_same_policy_and_refuses_a_different_one(tmp_pa
     svc = DevKeyService(tmp_path)
     first = svc.create_domain("a", _dev())
     assert svc.create_domain("a", _dev()) == first
-    with pytest.raises(ValueError, match="different policy.*update_policy"):
+    with pytest.raises(ValueError, match=r"different policy.*update_policy"):
         svc.create_domain("a", DomainPolicy.development(allow_pickle=True, warn=False))
 
 
@@ -100,4 +100,3 @@ def test_default_state_dir_honours_environment(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.delenv("RAY_CONFIDENTIAL_STATE_DIR")
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
     assert default_state_dir() == tmp_path / "xdg" / "ray-confidential"
-

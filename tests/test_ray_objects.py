@@ -117,15 +117,27 @@ def test_export_opens_off_cluster_with_the_cli(cluster: Path, tmp_path: Path) ->
     out = tmp_path / "out.arrow"
     proc = subprocess.run(
         [sys.executable, "-m", "ray_confidential.cli", "open", str(path), "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "3 rows" in proc.stdout
     with pa.OSFile(str(out)) as f:
         assert pa.ipc.open_file(f).read_all().equals(table)
     foreign = subprocess.run(
-        [sys.executable, "-m", "ray_confidential.cli", "open", str(path), "--state-dir", str(tmp_path / "other")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "ray_confidential.cli",
+            "open",
+            str(path),
+            "--state-dir",
+            str(tmp_path / "other"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert foreign.returncode == 1 and "KeyReleaseDenied" in foreign.stderr
 

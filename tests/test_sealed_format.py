@@ -48,7 +48,9 @@ def _round_trip(service: DevKeyService, value: object, chunk_size: int = SMALL_C
 
 # -- round trips -------------------------------------------------------------------------------
 array_strategy = hnp.arrays(
-    dtype=st.one_of(hnp.integer_dtypes(), hnp.unsigned_integer_dtypes(), hnp.floating_dtypes(), hnp.boolean_dtypes()),
+    dtype=st.one_of(
+        hnp.integer_dtypes(), hnp.unsigned_integer_dtypes(), hnp.floating_dtypes(), hnp.boolean_dtypes()
+    ),
     shape=hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=40),
 )
 
@@ -77,9 +79,14 @@ def test_arrow_table_and_batch_round_trip(service: DevKeyService, ints: list[int
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.text(max_size=20)
     | st.floats(allow_nan=False, allow_infinity=False),
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
     max_leaves=30,
 )
 
@@ -129,7 +136,9 @@ def test_published_vectors_reproduce() -> None:
         assert dek.hex() == vec["dek"]
         # Everything but the (randomised) HPKE wrap is deterministic given DEK and object id.
         again = seal(
-            json.loads(vec["plaintext_json"]) if "plaintext_json" in vec else bytes.fromhex(vec["plaintext_hex"]),
+            json.loads(vec["plaintext_json"])
+            if "plaintext_json" in vec
+            else bytes.fromhex(vec["plaintext_hex"]),
             DomainPublicKey(domain=vec["domain"], version=vec["key_version"], public_key=priv.public_key()),
             producer_id=vec["producer_id"],
             chunk_size=vec["chunk_size"],
@@ -293,13 +302,19 @@ except KeyReleaseDenied:
 """
 
 
-def test_untrusted_process_with_public_key_seals_but_cannot_open(service: DevKeyService, tmp_path: Path) -> None:
+def test_untrusted_process_with_public_key_seals_but_cannot_open(
+    service: DevKeyService, tmp_path: Path
+) -> None:
     descriptors = tmp_path / "descriptors.json"
     descriptors.write_text(json.dumps({"domains": [service.descriptor("d").to_dict()]}))
     out = tmp_path / "sealed.bin"
     env = {**os.environ, "RAY_CONFIDENTIAL_STATE_DIR": str(tmp_path / "empty-state")}
     proc = subprocess.run(
-        [sys.executable, "-c", SEAL_ONLY, str(descriptors), str(out)], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", SEAL_ONLY, str(descriptors), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "DENIED"
@@ -307,3 +322,23 @@ def test_untrusted_process_with_public_key_seals_but_cannot_open(service: DevKey
     assert open_sealed(out.read_bytes(), service) == b"owner-only-" * 100
     with pytest.raises(KeyReleaseDenied):
         open_sealed(out.read_bytes(), PublicDirectory({"d": service.descriptor("d")}))
+
+
+def test_format_doc_vector_matches_code() -> None:
+    """docs/sealed-format.md publishes the first vector's derived values; keep the doc honest."""
+    import re
+
+    from ray_confidential.sealed.format import _key_schedule
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "sealed-format.md").read_text()
+    vec = json.loads(VECTORS.read_text())["vectors"][0]
+    header = SealedHeader.parse(bytes.fromhex(vec["sealed"]))
+    commitment, payload_key, prefix = _key_schedule(bytes.fromhex(vec["dek"]), header.object_id)
+    for name, value in [
+        ("key_commitment", commitment),
+        ("payload_key", payload_key),
+        ("nonce_prefix", prefix),
+        ("header_hash", header.header_hash),
+    ]:
+        match = re.search(rf"\| {name} \| `([0-9a-f]+)` \|", doc)
+        assert match and match.group(1) == value.hex(), name

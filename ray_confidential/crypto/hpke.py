@@ -83,7 +83,9 @@ class PublicKey:
     def __post_init__(self) -> None:
         info = _suite_info(self.suite)
         if len(self.raw) != info.public_key_size:
-            raise ValueError(f"{self.suite} public key must be {info.public_key_size} bytes, got {len(self.raw)}")
+            raise ValueError(
+                f"{self.suite} public key must be {info.public_key_size} bytes, got {len(self.raw)}"
+            )
 
     @property
     def fingerprint(self) -> str:

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 __all__ = ["DomainPublicKey", "SealedHeader", "open_sealed", "seal"]
 
 
-def open_sealed(data: Any, key_service: "KeyService") -> Any:
+def open_sealed(data: Any, key_service: KeyService) -> Any:
     """Open sealed bytes through ``key_service`` (which decides whether the caller may).
 
     Raises:

@@ -18,7 +18,7 @@ import pickle
 import sys
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -117,12 +117,15 @@ def encode(value: Any, *, allow_pickle: bool) -> Encoded:
         return Encoded(ContentType.ARROW_RECORD_BATCH, _arrow_segments(value.schema, [value]))
     if isinstance(value, np.ndarray):
         if value.dtype.hasobject:
-            raise TypeError("NumPy arrays of dtype=object cannot be sealed safely; convert to a numeric dtype")
+            raise TypeError(
+                "NumPy arrays of dtype=object cannot be sealed safely; convert to a numeric dtype"
+            )
         arr = value if (value.flags.c_contiguous or value.flags.f_contiguous) else np.ascontiguousarray(value)
         header = io.BytesIO()
         np.lib.format.write_array_header_2_0(header, np.lib.format.header_data_from_array_1_0(arr))
-        order = "F" if (arr.flags.f_contiguous and not arr.flags.c_contiguous) else "C"
-        data = memoryview(arr.reshape(-1, order=order).view(np.uint8)) if arr.size else memoryview(b"")
+        order: Literal["C", "F"] = "F" if (arr.flags.f_contiguous and not arr.flags.c_contiguous) else "C"
+        flat: Any = arr.reshape(-1, order=order).view(np.uint8)
+        data = memoryview(flat) if arr.size else memoryview(b"")
         return Encoded(ContentType.NUMPY, [memoryview(header.getvalue()), data])
     if torch is not None and isinstance(value, torch.Tensor):
         from safetensors.torch import save

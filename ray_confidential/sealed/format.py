@@ -170,7 +170,11 @@ def _parse_header(view: memoryview) -> SealedHeader:
     wrapped = take(wrapped_len)
     if pos != len(h) or not domain or wrapped_len > MAX_WRAPPED_DEK:
         raise ValueError("trailing or missing header bytes")
-    if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK) or chunk_size & (chunk_size - 1) or plaintext_len > MAX_PLAINTEXT:
+    if (
+        not (MIN_CHUNK <= chunk_size <= MAX_CHUNK)
+        or chunk_size & (chunk_size - 1)
+        or plaintext_len > MAX_PLAINTEXT
+    ):
         raise ValueError("chunk size or length out of range")
     return SealedHeader(
         suite=suite,
@@ -252,7 +256,9 @@ def seal(
     if len(out) != total:
         raise ValueError("allocate() returned a buffer of the wrong size")
     out[: len(prefix_bytes)] = prefix_bytes
-    stream.encrypt_segments(payload_key, prefix, hh, encoded.segments, length, chunk_size, out[len(prefix_bytes) :])
+    stream.encrypt_segments(
+        payload_key, prefix, hh, encoded.segments, length, chunk_size, out[len(prefix_bytes) :]
+    )
     return out
 
 
@@ -279,7 +285,7 @@ def open_with_dek(data: Any, dek: bytes, *, allow_pickle: bool, header: SealedHe
             view[header.body_offset :],
             header.plaintext_len,
             header.chunk_size,
-            memoryview(out).cast("B"),  # type: ignore[arg-type]
+            memoryview(out).cast("B"),
         )
         return decode(header.content_type, out, allow_pickle=allow_pickle)
     except DecryptionError:

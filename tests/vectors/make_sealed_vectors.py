@@ -26,9 +26,15 @@ def main() -> None:
         seed = bytes([i + 1]) * (32 if suite == "x25519" else 96)
         priv = hpke.PrivateKeyHandle(suite, seed)
         dek, object_id = bytes([0x10 + i]) * 32, bytes([0x20 + i]) * 16
-        plaintext = json.loads(value["plaintext_json"]) if "plaintext_json" in value else bytes.fromhex(value["plaintext_hex"])
+        plaintext = (
+            json.loads(value["plaintext_json"])
+            if "plaintext_json" in value
+            else bytes.fromhex(value["plaintext_hex"])
+        )
         key = DomainPublicKey(domain=domain, version=version, public_key=priv.public_key())
-        blob = bytes(seal(plaintext, key, producer_id=producer, chunk_size=chunk, _dek=dek, _object_id=object_id))
+        blob = bytes(
+            seal(plaintext, key, producer_id=producer, chunk_size=chunk, _dek=dek, _object_id=object_id)
+        )
         header = SealedHeader.parse(blob)
         vectors.append(
             {

@@ -1,0 +1,121 @@
+"""``rc.init`` behaves exactly as the README's table says, row by row, on real clusters."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+import ray_confidential as rc
+from ray_confidential.api import _session_or_die
+from ray_confidential.errors import KeyReleaseDenied
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    yield c
+    c.shutdown()
+
+
+def _driver(code: str, env: dict[str, str], timeout: int = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+ROUND_TRIP = """
+import ray_confidential as rc
+from ray_confidential.api import _session_or_die
+rc.init({kwargs})
+print("MODE", _session_or_die().mode)
+rc.create_domain("t")
+print("OPEN", rc.get(rc.put(b"row", domain="t")) == b"row")
+rc.shutdown()
+"""
+
+
+def test_row1_no_address_starts_local_cluster_and_dev_service(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    short = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # AF_UNIX paths must stay under 108 bytes
+    env["RAY_TMPDIR"] = short  # no `ray start` cluster is discoverable from here
+    try:
+        proc = _driver(ROUND_TRIP.format(kwargs="include_dashboard=False"), env)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "MODE local" in proc.stdout and "OPEN True" in proc.stdout
+    assert "DEVELOPMENT key service" in proc.stderr
+
+
+def test_row2_dev_with_implicit_address_connects(cluster: Cluster) -> None:
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    proc = _driver(ROUND_TRIP.format(kwargs="dev=True"), env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "MODE dev-implicit" in proc.stdout and "OPEN True" in proc.stdout
+
+
+def test_row4_implicit_address_without_dev_needs_a_broker(cluster: Cluster, tmp_path: Path) -> None:
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    proc = _driver("import ray_confidential as rc; rc.init()", env)
+    assert proc.returncode != 0
+    assert "RAY_CONFIDENTIAL_DOMAINS" in proc.stderr and "dev=True" in proc.stderr
+
+
+def test_row3_dev_with_explicit_address_connects(cluster: Cluster) -> None:
+    rc.init(address=cluster.address, dev=True)
+    try:
+        assert _session_or_die().mode == "dev-explicit" and _session_or_die().owner
+        rc.create_domain("row3")
+        assert rc.get(rc.put([1, 2], domain="row3")) == [1, 2]
+    finally:
+        rc.shutdown()
+        ray.shutdown()
+
+
+def test_row4_explicit_address_without_dev(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ValueError, match=r"no key broker is configured.*dev=True"):
+        rc.init(address=cluster.address)
+    # With published descriptors only: it connects, seals, and may not open.
+    from ray_confidential.keyservice import DevKeyService
+
+    owner = DevKeyService(tmp_path / "owner")
+    with pytest.warns(UserWarning):
+        desc = owner.create_domain("published")
+    descriptors = tmp_path / "descriptors.json"
+    descriptors.write_text(json.dumps({"domains": [desc.to_dict()]}))
+    monkeypatch.setenv("RAY_CONFIDENTIAL_DOMAINS", str(descriptors))
+    rc.init(address=cluster.address)
+    try:
+        assert _session_or_die().mode == "connect" and not _session_or_die().owner
+        ref = rc.put(b"result", domain="published")
+        with pytest.raises(KeyReleaseDenied, match="ray-confidential open"):
+            rc.get(ref)
+        with pytest.raises(KeyReleaseDenied, match="created by their owner"):
+            rc.create_domain("mine")
+        from ray_confidential.sealed import open_sealed
+
+        assert open_sealed(rc.export(ref), owner) == b"result"  # the owner opens it off-cluster
+    finally:
+        rc.shutdown()
+        ray.shutdown()
