@@ -63,4 +63,14 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AppraisalPolicy",
+    "Binding",
+    "Evidence",
+    "EvidenceProfile",
+    "TrustConfig",
+    "VerifiedClaims",
+    "Violation",
+    "attest",
+    "get_profile",
+]

@@ -37,7 +37,9 @@ UNSAFE_ANY_MEASUREMENT: Final = UnsafeAnyMeasurement()
 MeasurementPins = frozenset[bytes] | UnsafeAnyMeasurement
 
 
-def measurement_pins(values: Iterable[bytes | str] | UnsafeAnyMeasurement | Literal["UNSAFE_ANY"]) -> MeasurementPins:
+def measurement_pins(
+    values: Iterable[bytes | str] | UnsafeAnyMeasurement | Literal["UNSAFE_ANY"],
+) -> MeasurementPins:
     """Normalise an allow-list of measurements (bytes or hex strings).
 
     Raises:

@@ -13,12 +13,16 @@ ends at a self-signed root whose fingerprint is on the allow-list.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+
+from ray_confidential.errors import EvidenceFormatError
 
 # SHA-256 over the DER of each vendor root (shared/vectors/roots/FINGERPRINTS.txt, checked by tests
 # against the PEM files there).
@@ -76,3 +80,22 @@ class TrustConfig:
     def is_allowed_root(self, cert: x509.Certificate) -> bool:
         """True when the fingerprint of ``cert`` is allow-listed (callers still check its signatures)."""
         return fingerprint(cert) in self.root_fingerprints
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def certificate_errors_are_format_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Decorator for a backend's ``verify_evidence``: certificate parsing errors that ``cryptography``
+    raises lazily and outside ``ValueError`` (duplicate extensions, unsupported name types) become
+    :class:`EvidenceFormatError`, so a verifier never leaks another exception type on bad input."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        except (x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+            raise EvidenceFormatError(f"malformed certificate: {exc}") from exc
+
+    return wrapper
