@@ -15,6 +15,8 @@ This module does NOT check the certificate's signature or chain (see :mod:`.veri
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -160,7 +162,13 @@ def pck_extension(cert: x509.Certificate) -> PCKExtension:
     value = ext.value
     if not isinstance(value, x509.UnrecognizedExtension):
         raise EvidenceFormatError("PCK certificate SGX extension is not raw DER")
-    return parse_sgx_extension(value.value)
+    return _parse_sgx_extension_cached(value.value)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_sgx_extension_cached(ext_value: bytes) -> PCKExtension:
+    """Parsing is a pure function of the extension bytes, so equal bytes share one parse."""
+    return parse_sgx_extension(ext_value)
 
 
 # --- DER encoding (used by the simulator in ray_confidential.testing.dcap_fake) -------------------

@@ -31,6 +31,8 @@ collateral bytes and the allow-list, and only reused inside their validity windo
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import threading
 from collections import OrderedDict
@@ -82,20 +84,29 @@ def load_certificates(items: Iterable[bytes | str]) -> list[x509.Certificate]:
     """
     out: list[x509.Certificate] = []
     for item in items:
-        data = item.encode() if isinstance(item, str) else bytes(item)
-        try:
-            if b"-----BEGIN" in data:
-                out.extend(x509.load_pem_x509_certificates(data.rstrip(b"\0")))
-            else:
-                out.append(x509.load_der_x509_certificate(data))
-            for cert in out:  # cryptography parses lazily: force every field we read, once, here
-                _ = (cert.subject, cert.issuer, cert.extensions, cert.serial_number)
-                _ = (cert.not_valid_before_utc, cert.not_valid_after_utc)
-        except ValueError as e:
-            raise EvidenceFormatError(f"unparseable certificate: {e}") from e
+        out.extend(_parse_certificate_item(item.encode() if isinstance(item, str) else bytes(item)))
         if len(out) > _MAX_CERTS:
             raise EvidenceFormatError("too many certificates")
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_certificate_item(data: bytes) -> tuple[x509.Certificate, ...]:
+    """Parse one DER or PEM item. A pure function of the bytes, so equal items share one parse
+    (errors are not cached); no verification result is cached here."""
+    try:
+        if b"-----BEGIN" in data:
+            certs = tuple(x509.load_pem_x509_certificates(data.rstrip(b"\0")))
+        else:
+            certs = (x509.load_der_x509_certificate(data),)
+        for cert in certs:  # cryptography parses lazily: force every field we read, once, here
+            _ = (cert.subject, cert.issuer, cert.extensions, cert.serial_number)
+            _ = (cert.not_valid_before_utc, cert.not_valid_after_utc)
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as e:
+        raise EvidenceFormatError(f"unparseable certificate: {e}") from e
+    if len(certs) > _MAX_CERTS:
+        raise EvidenceFormatError("too many certificates")
+    return certs
 
 
 def _der(cert: x509.Certificate) -> bytes:
