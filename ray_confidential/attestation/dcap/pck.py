@@ -16,7 +16,6 @@ This module does NOT check the certificate's signature or chain (see :mod:`.veri
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 
 from cryptography import x509

@@ -32,7 +32,6 @@ collateral bytes and the allow-list, and only reused inside their validity windo
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import threading
 from collections import OrderedDict
