@@ -93,7 +93,8 @@ def _cmd_domain(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``only``, plugin subcommands other than ``only`` stay unbuilt."""
     parser = argparse.ArgumentParser(prog="ray-confidential", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -116,23 +117,47 @@ def build_parser() -> argparse.ArgumentParser:
     for p in dsub.choices.values():
         p.add_argument("--state-dir", help="development key state directory (default: per-user)")
 
-    try:
-        from ray_confidential.attestation import cli as evidence_cli
-    except ImportError:  # pragma: no cover - attestation CLI not installed
-        evidence_cli = None  # type: ignore[assignment]
-    if evidence_cli is not None and hasattr(evidence_cli, "add_parser"):
-        evidence_cli.add_parser(sub)
+    for name, (module_name, help_text) in _PLUGINS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text)  # listed in --help; built when invoked
+            continue
+        module = _plugin(module_name)
+        if module is None:
+            continue
+        module.add_parser(sub)
     return parser
 
 
+# Subcommands whose modules are imported only when invoked (``evidence`` must start without Ray or
+# grpc). Each module provides ``add_parser(subparsers)`` setting ``func`` on its parsers.
+_PLUGINS: dict[str, tuple[str, str]] = {
+    "evidence": ("ray_confidential.attestation.cli", "verify TEE evidence"),
+    "kbs": ("ray_confidential.kbs.cli", "the key broker service"),
+    "audit": ("ray_confidential.kbs.audit_cli", "verify the broker's audit log"),
+    "executor": ("enclave_actors.cli", "the enclave executor daemon (started by the node image)"),
+    "pools": ("scheduler.cli", "render node pools for the Ray cluster launcher or KubeRay"),
+}
+
+
+def _plugin(module_name: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return None  # that part is not installed in this build
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=first if first in _PLUGINS else ("" if first else None))
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:
-        from ray_confidential.attestation import cli as evidence_cli
-
-        return int(evidence_cli.run(args))
+        parser.error(f"{args.command}: this part is not installed or needs a subcommand")
     return int(func(args))
 
 

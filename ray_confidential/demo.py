@@ -50,6 +50,7 @@ def run(out: TextIO = sys.stdout, *, rows: int = 200_000) -> int:
     spill_dir = Path(tempfile.mkdtemp(prefix="rc-demo-spill-"))
     step(1, f"Starting local Ray (100 MiB object store, spilling to {spill_dir}) + development key service")
     rc.init(
+        address="local",  # always a fresh local cluster, even when another one runs on this host
         object_store_memory=100 << 20,
         include_dashboard=False,
         _system_config={

@@ -35,7 +35,7 @@ def test_cluster_utils_accepts_labels_and_resources() -> None:
 
 @pytest.mark.ray
 def test_out_of_band_buffer_and_node_label() -> None:
-    ray.init(num_cpus=1, include_dashboard=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
     try:
         payload = bytearray(b"\x01" * (1 << 20))
         ref = ray.put(_SealedPayload(payload))

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     spill_dir = tmp_path_factory.mktemp("spill")
-    rc.init(**spill_config(spill_dir))
+    rc.init(address="local", **spill_config(spill_dir))
     rc.create_domain("hospital")
     yield spill_dir
     rc.shutdown()
