@@ -1,0 +1,339 @@
+"""Python client of the key broker, with the broker's TLS CA and release key pinned at construction.
+
+    client = KBSClient("kbs.example:443", release_public_key=RELEASE_PEM, ca_cert=CA_PEM)  # doctest: +SKIP
+    challenge = client.challenge()
+    token = client.attest(challenge, tee.evidence(binding), profile="snp-direct", executor_key=key,
+                          cluster_id="c", bundle_digest=digest, scope="release", node_id="n1",
+                          pool="p", region="r", domains=["hospital"])
+    dek = client.unwrap(token, header_bytes, key)
+
+The release key and CA come from the image or launch data, never from the broker or runtime_env
+(design.md section 5, step 5). :meth:`KBSClient.unwrap` accepts a response only if it is signed by the
+pinned release key and its record names this request's fresh nonce, the header's domain, version
+and hash, the token and the executor key; the DEK is then opened with ``info`` = that record.
+
+Retries: only on UNAVAILABLE, with exponential backoff, ``retries`` times; after that the call fails
+closed with :class:`BrokerUnavailableError` (a :class:`~ray_confidential.errors.KeyReleaseDenied`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from ray_confidential.attestation.binding import Binding
+from ray_confidential.attestation.evidence import Evidence
+from ray_confidential.crypto import hpke
+from ray_confidential.domains import DomainDescriptor, DomainPolicy
+from ray_confidential.errors import DecryptionError, KeyReleaseDenied
+from ray_confidential.kbs import record as rec_mod
+from ray_confidential.kbs.proto import kbs_pb2, kbs_pb2_grpc
+from ray_confidential.kbs.server import is_loopback, split_address
+from ray_confidential.kbs.tokens import TokenClaims, jkt
+from ray_confidential.sealed.format import SealedHeader
+
+BACKOFF_BASE: Final = 0.1
+BACKOFF_MAX: Final = 2.0
+T = TypeVar("T")
+
+
+class BrokerUnavailableError(KeyReleaseDenied):
+    """The broker could not be reached within the bounded wait; nothing was released (fail closed)."""
+
+
+class BrokerRefusedError(KeyReleaseDenied):
+    """The broker answered with an error; ``code`` is the coarse gRPC status name."""
+
+    def __init__(self, method: str, code: str) -> None:
+        self.code = code
+        super().__init__(f"key broker refused {method}: {code} (the broker's audit log has the reason)")
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    nonce: bytes
+    session_id: bytes
+    expires_at: float
+
+    def binding(
+        self, executor_key: hpke.PrivateKeyHandle, *, cluster_id: str, bundle_digest: bytes
+    ) -> Binding:
+        """What the executor's evidence must commit to for this challenge."""
+        pub = executor_key.public_key()
+        return Binding(nonce=self.nonce, executor_public_key=pub.raw, hpke_suite=pub.suite,
+                       cluster_id=cluster_id, bundle_digest=bundle_digest)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A token as received (``raw``) with its claims decoded for the holder's use (the broker verifies)."""
+
+    raw: str = field(repr=False)
+    claims: TokenClaims
+
+    @property
+    def jti(self) -> str:
+        return self.claims.jti
+
+    @property
+    def expires_at(self) -> int:
+        return self.claims.exp
+
+    @classmethod
+    def from_raw(cls, raw: str) -> Token:
+        try:
+            payload = raw.split(".")[1]
+            data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        except (IndexError, ValueError) as exc:
+            raise KeyReleaseDenied(f"broker returned a malformed token: {exc}") from None
+        return cls(raw, TokenClaims.from_jwt_claims(data))
+
+
+def _load_release_key(pem: bytes) -> ec.EllipticCurvePublicKey:
+    try:
+        key = load_pem_public_key(pem)
+    except (ValueError, TypeError):
+        raise ValueError(
+            "release_public_key must be a PEM P-256 public key (the broker's release key)"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ValueError("release_public_key must be a PEM P-256 public key")
+    return key
+
+
+def _evidence_msg(ev: Evidence) -> kbs_pb2.Evidence:
+    return kbs_pb2.Evidence(tee=ev.tee, evidence=ev.evidence, certs=list(ev.certs),
+                            collateral=ev.collateral or b"", has_collateral=ev.collateral is not None,
+                            gpus=[_evidence_msg(g) for g in ev.gpus])  # fmt: skip
+
+
+def _policy_json(policy: DomainPolicy | Mapping[str, Any]) -> str:
+    return json.dumps(policy.to_dict() if isinstance(policy, DomainPolicy) else dict(policy), sort_keys=True)
+
+
+class KBSClient:
+    """Client of one key broker.
+
+    Args:
+        target: ``HOST:PORT``.
+        release_public_key: the broker's release key (PEM), pinned: responses signed otherwise are refused.
+        ca_cert: PEM CA that issued the broker's TLS certificate. None only for the development broker
+            on a loopback address (plaintext).
+        client_cert / client_key: PEM certificate and key of an owner (mutual TLS for owner RPCs).
+        timeout: seconds per attempt.
+        retries: extra attempts after UNAVAILABLE (exponential backoff from 0.1 s, at most 2 s).
+
+    Raises:
+        ValueError: ``ca_cert`` is None for a non-loopback target, or a key is not P-256.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        release_public_key: bytes,
+        ca_cert: bytes | None,
+        client_cert: bytes | None = None,
+        client_key: bytes | None = None,
+        timeout: float = 5.0,
+        retries: int = 3,
+    ) -> None:
+        host, _ = split_address(target)
+        self._release_key = _load_release_key(release_public_key)
+        if ca_cert is None:
+            if not is_loopback(host):
+                raise ValueError(
+                    f"ca_cert=None (plaintext) is only for the development broker on 127.0.0.1; pin the "
+                    f"CA of {target!r} with ca_cert=open('kbs-ca.pem','rb').read()"
+                )
+            if client_cert is not None:
+                raise ValueError("client certificates need TLS: pass ca_cert")
+            self._channel = grpc.insecure_channel(target)
+        else:
+            creds = grpc.ssl_channel_credentials(root_certificates=ca_cert, private_key=client_key,
+                                                 certificate_chain=client_cert)  # fmt: skip
+            self._channel = grpc.secure_channel(target, creds)
+        self._stub = kbs_pb2_grpc.KeyBrokerStub(self._channel)  # type: ignore[no-untyped-call]
+        self.target, self.timeout, self.retries = target, timeout, max(0, retries)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> KBSClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, request: Any) -> Any:
+        delay = BACKOFF_BASE
+        for attempt in range(self.retries + 1):
+            try:
+                return getattr(self._stub, method)(request, timeout=self.timeout)
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+                if code != grpc.StatusCode.UNAVAILABLE:
+                    raise BrokerRefusedError(method, code.name) from None
+                if attempt == self.retries:
+                    break
+                time.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+        raise BrokerUnavailableError(
+            f"key broker at {self.target} unreachable after {self.retries + 1} attempts; nothing was released"
+        )
+
+    # -- executors ---------------------------------------------------------------------------------
+    def challenge(self) -> Challenge:
+        r = self._call("GetChallenge", kbs_pb2.ChallengeRequest())
+        if len(r.nonce) != 32:
+            raise KeyReleaseDenied("broker returned a malformed challenge")
+        return Challenge(bytes(r.nonce), bytes(r.session_id), r.expires_at_ms / 1000)
+
+    def attest(
+        self,
+        challenge: Challenge,
+        evidence: Evidence,
+        *,
+        profile: str,
+        executor_key: hpke.PrivateKeyHandle,
+        cluster_id: str,
+        bundle_digest: bytes,
+        scope: str,
+        node_id: str,
+        pool: str,
+        region: str,
+        domains: Iterable[str] = (),
+    ) -> Token:
+        """Present evidence bound to ``challenge`` and this key; returns the broker's token."""
+        pub = executor_key.public_key()
+        r = self._call("Attest", kbs_pb2.AttestRequest(
+            session_id=challenge.session_id, nonce=challenge.nonce, evidence=_evidence_msg(evidence),
+            profile=profile, hpke_suite=pub.suite, executor_public_key=pub.raw, cluster_id=cluster_id,
+            bundle_digest=bundle_digest, scope=scope, node_id=node_id, pool=pool, region=region,
+            domains=list(domains)))  # fmt: skip
+        token = Token.from_raw(r.token)
+        if token.claims.jkt != jkt(pub):
+            raise KeyReleaseDenied("broker issued a token for another key")
+        return token
+
+    def _open(
+        self, resp: Any, *, token: Token, key: hpke.PrivateKeyHandle, nonce: bytes, domain: str,
+        version: int | None, subject: bytes,
+    ) -> bytes:  # fmt: skip
+        body = bytes(resp.record)
+        rec_mod.verify(self._release_key, body, bytes(resp.signature))
+        rec = rec_mod.ReleaseRecord.decode(body)
+        checks = (
+            ("request nonce", hmac.compare_digest(rec.request_nonce, nonce)),
+            ("domain", rec.domain == domain),
+            ("key version", version is None or rec.key_version == version),
+            ("token", rec.token_id == token.jti),
+            ("key", hmac.compare_digest(rec.key_hash, rec_mod.key_hash(key.public_key()))),
+            ("object", hmac.compare_digest(rec.header_hash, subject)),
+        )
+        for what, ok in checks:
+            if not ok:
+                raise KeyReleaseDenied(f"broker response names another {what} (replayed or misdirected)")
+        try:
+            return key.unwrap(bytes(resp.sealed_key), info=body)
+        except DecryptionError:
+            raise KeyReleaseDenied("broker response does not open with this key and record") from None
+
+    def unwrap(self, token: Token, header_bytes: bytes, executor_key: hpke.PrivateKeyHandle) -> bytes:
+        """The DEK of the sealed object whose header is ``header_bytes``.
+
+        Raises:
+            BrokerRefusedError: the broker refused (denied, not found, rate limited).
+            KeyReleaseDenied: the response is not the pinned broker's answer to this request.
+            BrokerUnavailableError: the broker is unreachable.
+        """
+        header = SealedHeader.parse(header_bytes)
+        nonce = os.urandom(32)
+        pub = executor_key.public_key()
+        resp = self._call("Unwrap", kbs_pb2.UnwrapRequest(
+            token=token.raw, header=header.header_bytes, request_nonce=nonce, hpke_suite=pub.suite,
+            executor_public_key=pub.raw))  # fmt: skip
+        dek = self._open(resp, token=token, key=executor_key, nonce=nonce, domain=header.domain,
+                         version=header.key_version, subject=header.header_hash)  # fmt: skip
+        if len(dek) != 32:
+            raise KeyReleaseDenied("broker released a key of the wrong size")
+        return dek
+
+    def release(self, token: Token, domain: str, name: str, executor_key: hpke.PrivateKeyHandle) -> bytes:
+        """A named secret of ``domain``, under the same checks as :meth:`unwrap`."""
+        nonce = os.urandom(32)
+        pub = executor_key.public_key()
+        resp = self._call("Release", kbs_pb2.ReleaseRequest(
+            token=token.raw, domain=domain, name=name, request_nonce=nonce, hpke_suite=pub.suite,
+            executor_public_key=pub.raw))  # fmt: skip
+        return self._open(resp, token=token, key=executor_key, nonce=nonce, domain=domain, version=0,
+                          subject=rec_mod.secret_subject(name))  # fmt: skip
+
+    def revocation_epoch(self) -> int:
+        return int(self._call("GetRevocationEpoch", kbs_pb2.RevocationEpochRequest()).epoch)
+
+    def jwks(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self._call("GetJWKS", kbs_pb2.JWKSRequest()).jwks)
+        return result
+
+    # -- descriptors -------------------------------------------------------------------------------
+    def _descriptor(self, resp: Any, name: str, version: int | None) -> DomainDescriptor:
+        body = bytes(resp.descriptor)
+        rec_mod.verify(self._release_key, body, bytes(resp.signature))
+        d = json.loads(body)
+        if d.get("name") != name or (version is not None and d.get("version") != version):
+            raise KeyReleaseDenied("broker descriptor names another domain or version")
+        return DomainDescriptor(name=d["name"], version=int(d["version"]),
+                                public_key=hpke.PublicKey(d["suite"], bytes.fromhex(d["public_key"])),
+                                policy_hash=d["policy_hash"], allow_pickle=bool(d["allow_pickle"]))  # fmt: skip
+
+    def descriptor(self, name: str, version: int | None = None) -> DomainDescriptor:
+        """The domain's descriptor (newest live version by default), signed by the pinned release key."""
+        resp = self._call("GetDescriptor", kbs_pb2.GetDescriptorRequest(name=name, version=version or 0))
+        return self._descriptor(resp, name, version)
+
+    # -- owners (mutual TLS) -----------------------------------------------------------------------
+    def create_domain(
+        self, name: str, policy: DomainPolicy | Mapping[str, Any], *, appraisal: Mapping[str, Any] | None = None,
+        suite: str = hpke.DEFAULT_SUITE,
+    ) -> DomainDescriptor:  # fmt: skip
+        resp = self._call("CreateDomain", kbs_pb2.CreateDomainRequest(
+            name=name, policy_json=_policy_json(policy), appraisal_json=json.dumps(appraisal) if appraisal else "",
+            hpke_suite=suite))  # fmt: skip
+        return self._descriptor(resp, name, None)
+
+    def update_policy(
+        self,
+        name: str,
+        policy: DomainPolicy | Mapping[str, Any],
+        *,
+        appraisal: Mapping[str, Any] | None = None,
+    ) -> DomainDescriptor:
+        resp = self._call("UpdatePolicy", kbs_pb2.UpdatePolicyRequest(
+            name=name, policy_json=_policy_json(policy),
+            appraisal_json=json.dumps(appraisal) if appraisal else ""))  # fmt: skip
+        return self._descriptor(resp, name, None)
+
+    def rotate(self, name: str, *, suite: str | None = None) -> DomainDescriptor:
+        resp = self._call("Rotate", kbs_pb2.RotateRequest(name=name, hpke_suite=suite or ""))
+        return self._descriptor(resp, name, None)
+
+    def retire(self, name: str, version: int) -> None:
+        self._call("Retire", kbs_pb2.RetireRequest(name=name, version=version))
+
+    def revoke(self, kind: str, value: str, *, reason: str = "") -> int:
+        """Revoke a node, measurement, tcb, token (jti) or bundle digest; returns the new epoch."""
+        return int(self._call("Revoke", kbs_pb2.RevokeRequest(kind=kind, value=value, reason=reason)).epoch)
+
+
+__all__ = ["BrokerRefusedError", "BrokerUnavailableError", "Challenge", "KBSClient", "Token"]

@@ -1,0 +1,214 @@
+"""gRPC servicer of ``ray_confidential.kbs.v1.KeyBroker``: proto <-> :class:`~ray_confidential.kbs.broker.Broker`.
+
+Transport duties only: caller identity (an owner is the subject of a verified client certificate;
+other callers are keyed by their network address), per-client rate limits, and coarse wire errors.
+The full reason of a refusal goes to the log and the audit record, never to the caller.
+
+What it does NOT do: any security decision beyond identity and rate (the broker decides).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import grpc
+from cryptography import x509
+
+from ray_confidential.attestation.evidence import Evidence
+from ray_confidential.kbs.broker import AttestRequest, Broker, Denied, KeyResponse
+from ray_confidential.kbs.proto import kbs_pb2, kbs_pb2_grpc
+from ray_confidential.kbs.ratelimit import RateLimiter
+
+log = logging.getLogger("ray_confidential.kbs")
+
+T = TypeVar("T")
+
+_CODES = {
+    "PERMISSION_DENIED": (grpc.StatusCode.PERMISSION_DENIED, "permission denied"),
+    "NOT_FOUND": (grpc.StatusCode.NOT_FOUND, "not found"),
+    "INVALID_ARGUMENT": (grpc.StatusCode.INVALID_ARGUMENT, "invalid argument"),
+    "RESOURCE_EXHAUSTED": (grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeded"),
+    "ALREADY_EXISTS": (grpc.StatusCode.ALREADY_EXISTS, "already exists with a different policy"),
+}
+
+
+def owner_identity(context: grpc.ServicerContext) -> str | None:
+    """RFC 4514 subject of the verified client certificate, or None (no mutual TLS)."""
+    if context.peer_identities() is None:
+        return None
+    pems = context.auth_context().get("x509_pem_cert")
+    if not pems:
+        return None
+    cert = x509.load_pem_x509_certificate(pems[0])
+    return cert.subject.rfc4514_string()
+
+
+def client_key(context: grpc.ServicerContext, owner: str | None) -> str:
+    """Rate-limit key: the owner identity, else the peer's host (``ipv4:1.2.3.4:port`` -> ``ipv4:1.2.3.4``)."""
+    if owner:
+        return "owner:" + owner
+    peer = context.peer() or "unknown"
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+
+def _evidence(msg: kbs_pb2.Evidence) -> Evidence:
+    return Evidence(
+        tee=msg.tee,
+        evidence=bytes(msg.evidence),
+        certs=tuple(bytes(c) for c in msg.certs),
+        collateral=bytes(msg.collateral) if msg.has_collateral else None,
+        gpus=tuple(_evidence(g) for g in msg.gpus),
+    )
+
+
+def _json_or_none(text: str) -> Mapping[str, Any] | None:
+    if not text:
+        return None
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value
+
+
+class KeyBrokerService(kbs_pb2_grpc.KeyBrokerServicer):
+    """The servicer. ``dev_owner``: identity given to callers without a client certificate (dev only)."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        limiter: RateLimiter | None,
+        secrets: Mapping[tuple[str, str], bytes] | None = None,
+        dev_owner: str | None = None,
+    ) -> None:
+        self.broker, self.limiter, self.dev_owner = broker, limiter, dev_owner
+        self.secrets = dict(secrets or {})
+
+    def _run(self, rpc: str, context: grpc.ServicerContext, fn: Callable[[str | None, str], T]) -> T:
+        owner = owner_identity(context) or self.dev_owner
+        client = client_key(context, owner)
+        try:
+            if self.limiter is not None and not self.limiter.allow(client):
+                raise self.broker._deny("rate_limit", "RESOURCE_EXHAUSTED", f"{rpc}: rate limit exceeded",
+                                        client=client)  # fmt: skip
+            return fn(owner, client)
+        except Denied as exc:
+            code, message = _CODES[exc.code]
+            context.abort(code, message)
+        except (ValueError, TypeError) as exc:  # malformed request fields
+            log.warning("%s: invalid argument from %s: %s", rpc, client, exc)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid argument")
+        raise AssertionError("unreachable")  # context.abort raises
+
+    @staticmethod
+    def _key(resp: KeyResponse) -> kbs_pb2.KeyResponse:
+        return kbs_pb2.KeyResponse(record=resp.record, signature=resp.signature, sealed_key=resp.sealed_key)
+
+    def _descriptor(self, name: str, version: int = 0) -> kbs_pb2.DescriptorResponse:
+        body, sig = self.broker.descriptor(name, version)
+        return kbs_pb2.DescriptorResponse(descriptor=body, signature=sig)
+
+    # -- executors ---------------------------------------------------------------------------------
+    def GetChallenge(self, request: kbs_pb2.ChallengeRequest, context: grpc.ServicerContext) -> Any:
+        def fn(owner: str | None, client: str) -> kbs_pb2.ChallengeResponse:
+            c = self.broker.challenge()
+            return kbs_pb2.ChallengeResponse(nonce=c.nonce, session_id=c.session_id,
+                                             expires_at_ms=int(c.expires_at * 1000))  # fmt: skip
+
+        return self._run("GetChallenge", context, fn)
+
+    def Attest(self, request: kbs_pb2.AttestRequest, context: grpc.ServicerContext) -> Any:
+        def fn(owner: str | None, client: str) -> kbs_pb2.AttestResponse:
+            req = AttestRequest(
+                session_id=bytes(request.session_id), nonce=bytes(request.nonce),
+                evidence=_evidence(request.evidence), profile=request.profile, hpke_suite=request.hpke_suite,
+                executor_public_key=bytes(request.executor_public_key), cluster_id=request.cluster_id,
+                bundle_digest=bytes(request.bundle_digest), scope=request.scope, node_id=request.node_id,
+                pool=request.pool, region=request.region, domains=tuple(request.domains),
+            )  # fmt: skip
+            token, claims = self.broker.attest(req, client=client)
+            return kbs_pb2.AttestResponse(token=token, expires_at=claims.exp)
+
+        return self._run("Attest", context, fn)
+
+    def Unwrap(self, request: kbs_pb2.UnwrapRequest, context: grpc.ServicerContext) -> Any:
+        def fn(owner: str | None, client: str) -> kbs_pb2.KeyResponse:
+            return self._key(
+                self.broker.unwrap(token=request.token, header=bytes(request.header),
+                                   request_nonce=bytes(request.request_nonce), hpke_suite=request.hpke_suite,
+                                   executor_public_key=bytes(request.executor_public_key), client=client)
+            )  # fmt: skip
+
+        return self._run("Unwrap", context, fn)
+
+    def Release(self, request: kbs_pb2.ReleaseRequest, context: grpc.ServicerContext) -> Any:
+        def fn(owner: str | None, client: str) -> kbs_pb2.KeyResponse:
+            return self._key(
+                self.broker.release(token=request.token, domain=request.domain, name=request.name,
+                                    request_nonce=bytes(request.request_nonce), hpke_suite=request.hpke_suite,
+                                    executor_public_key=bytes(request.executor_public_key), client=client,
+                                    secrets=self.secrets)
+            )  # fmt: skip
+
+        return self._run("Release", context, fn)
+
+    def GetRevocationEpoch(
+        self, request: kbs_pb2.RevocationEpochRequest, context: grpc.ServicerContext
+    ) -> Any:
+        return self._run("GetRevocationEpoch", context,
+                         lambda o, c: kbs_pb2.RevocationEpochResponse(epoch=self.broker.revocation_epoch))  # fmt: skip
+
+    def GetJWKS(self, request: kbs_pb2.JWKSRequest, context: grpc.ServicerContext) -> Any:
+        return self._run("GetJWKS", context,
+                         lambda o, c: kbs_pb2.JWKSResponse(jwks=json.dumps(self.broker.jwks(), sort_keys=True)))  # fmt: skip
+
+    def GetDescriptor(self, request: kbs_pb2.GetDescriptorRequest, context: grpc.ServicerContext) -> Any:
+        return self._run(
+            "GetDescriptor", context, lambda o, c: self._descriptor(request.name, request.version)
+        )
+
+    # -- owners ------------------------------------------------------------------------------------
+    def CreateDomain(self, request: kbs_pb2.CreateDomainRequest, context: grpc.ServicerContext) -> Any:
+        def fn(owner: str | None, client: str) -> kbs_pb2.DescriptorResponse:
+            policy = _json_or_none(request.policy_json) or {}
+            d = self.broker.create_domain(owner, request.name, policy, _json_or_none(request.appraisal_json),
+                                          request.hpke_suite or "x25519")  # fmt: skip
+            return self._descriptor(d.name)
+
+        return self._run("CreateDomain", context, fn)
+
+    def UpdatePolicy(self, request: kbs_pb2.UpdatePolicyRequest, context: grpc.ServicerContext) -> Any:
+        def fn(owner: str | None, client: str) -> kbs_pb2.DescriptorResponse:
+            policy = _json_or_none(request.policy_json) or {}
+            d = self.broker.update_policy(owner, request.name, policy, _json_or_none(request.appraisal_json))
+            return self._descriptor(d.name)
+
+        return self._run("UpdatePolicy", context, fn)
+
+    def Rotate(self, request: kbs_pb2.RotateRequest, context: grpc.ServicerContext) -> Any:
+        def fn(owner: str | None, client: str) -> kbs_pb2.DescriptorResponse:
+            d = self.broker.rotate(owner, request.name, request.hpke_suite or None)
+            return self._descriptor(d.name)
+
+        return self._run("Rotate", context, fn)
+
+    def Retire(self, request: kbs_pb2.RetireRequest, context: grpc.ServicerContext) -> Any:
+        def fn(owner: str | None, client: str) -> kbs_pb2.DescriptorResponse:
+            d = self.broker.retire(owner, request.name, request.version)
+            return self._descriptor(d.name, request.version)
+
+        return self._run("Retire", context, fn)
+
+    def Revoke(self, request: kbs_pb2.RevokeRequest, context: grpc.ServicerContext) -> Any:
+        def fn(owner: str | None, client: str) -> kbs_pb2.RevokeResponse:
+            return kbs_pb2.RevokeResponse(
+                epoch=self.broker.revoke(owner, request.kind, request.value, request.reason)
+            )
+
+        return self._run("Revoke", context, fn)
+
+
+__all__ = ["KeyBrokerService", "client_key", "owner_identity"]
