@@ -29,6 +29,8 @@ _LAZY = {
     "SealedRef": "ray_confidential.api",
     "DomainPolicy": "ray_confidential.domains",
     "DomainDescriptor": "ray_confidential.domains",
+    "remote": "enclave_actors.remote",
+    "context": "enclave_actors.context",
 }
 
 if TYPE_CHECKING:

@@ -66,6 +66,9 @@ class SealedTaskError(ConfidentialError):
         self.sealed_detail = sealed_detail
         super().__init__(message)
 
+    def __reduce__(self) -> tuple[type[SealedTaskError], tuple[bytes | None, str]]:
+        return (type(self), (self.sealed_detail, str(self.args[0])))
+
     def __repr__(self) -> str:
         return f"SealedTaskError({self.args[0]!r}, sealed_detail=<{len(self.sealed_detail or b'')} bytes>)"
 

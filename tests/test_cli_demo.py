@@ -58,15 +58,20 @@ def test_domain_export_and_bad_input(tmp_path: Path) -> None:
 
 @pytest.mark.ray
 def test_example_runs(tmp_path: Path) -> None:
-    env = {**os.environ, "RAY_CONFIDENTIAL_STATE_DIR": str(tmp_path)}
+    # A private Ray temp dir: no other cluster on this host is discoverable, so rc.init() starts one.
+    ray_tmp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
+    env = {**os.environ, "RAY_CONFIDENTIAL_STATE_DIR": str(tmp_path), "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, "examples/seal_table.py"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "examples/seal_table.py"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "owner opens: [{'patient': 'alice'" in proc.stdout

@@ -100,3 +100,13 @@ def test_default_state_dir_honours_environment(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.delenv("RAY_CONFIDENTIAL_STATE_DIR")
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
     assert default_state_dir() == tmp_path / "xdg" / "ray-confidential"
+
+
+def test_sealed_task_error_pickles_without_leaking_detail() -> None:
+    import pickle
+
+    from ray_confidential.errors import SealedTaskError
+
+    err = pickle.loads(pickle.dumps(SealedTaskError(b"sealed-bytes")))
+    assert err.sealed_detail == b"sealed-bytes"
+    assert "sealed-bytes" not in str(err) and "sealed-bytes" not in repr(err)

@@ -1,0 +1,229 @@
+"""Wire format between shims, the executor daemon and its workers (docs/executor.md, "Protocol").
+
+One message on a Unix stream socket::
+
+    version u8 (0x01) || header_len u32 || frame_count u16 || header (UTF-8 JSON object)
+                      || frame_count x (u64 length || bytes)
+
+File descriptors (sealed memfds of large inputs and outputs) travel as SCM_RIGHTS ancillary data
+with the first bytes of the message; the header's ``fds`` field says how many to expect. Every
+length has a checked maximum; anything malformed raises :class:`ProtocolError` and the connection
+is dropped.
+
+    >>> import socket
+    >>> a, b = socket.socketpair()
+    >>> send(a, {"op": "ping"}, [b"x"])
+    >>> recv(b)
+    Message(header={'op': 'ping'}, frames=[b'x'], fds=[])
+
+What it does NOT do: authenticate the peer (socket permissions admit only the Ray user, and
+anything a shim sends is untrusted input to the executor).
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import mmap
+import os
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+VERSION: Final = 0x01
+MAX_HEADER: Final = 1 << 20
+MAX_FRAMES: Final = 1024
+MAX_FRAME: Final = 64 << 20
+MAX_TOTAL_FRAMES: Final = 128 << 20
+MAX_FDS: Final = 64
+_PREFIX = struct.Struct(">BIH")
+_U64 = struct.Struct(">Q")
+_REQUIRED_SEALS: Final = (
+    getattr(os, "F_SEAL_WRITE", 8) | getattr(os, "F_SEAL_SHRINK", 2) | getattr(os, "F_SEAL_GROW", 4)
+)
+_F_GET_SEALS: Final = 1034
+_F_ADD_SEALS: Final = 1033
+_F_SEAL_SEAL: Final = 1
+
+
+class ProtocolError(Exception):
+    """A malformed or oversized message (the connection is closed)."""
+
+
+@dataclass(slots=True)
+class Message:
+    header: dict[str, Any]
+    frames: list[bytes] = field(default_factory=list)
+    fds: list[int] = field(default_factory=list)
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds.clear()
+
+
+def send(
+    sock: socket.socket, header: dict[str, Any], frames: Sequence[Any] = (), fds: Sequence[int] = ()
+) -> None:
+    """Send one message (frames may be any buffers; they are not copied into one string)."""
+    body = json.dumps({**header, "fds": len(fds)} if fds else header, separators=(",", ":")).encode()
+    if len(body) > MAX_HEADER or len(frames) > MAX_FRAMES or len(fds) > MAX_FDS:
+        raise ProtocolError("message over the protocol limits")
+    parts: list[Any] = [_PREFIX.pack(VERSION, len(body), len(frames)) + body]
+    for frame in frames:
+        view = memoryview(frame).cast("B")
+        parts.append(_U64.pack(len(view)))
+        parts.append(view)
+    if fds:
+        sock.sendmsg([parts[0]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        parts = parts[1:]
+    for part in parts:
+        sock.sendall(part)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionError("peer closed the connection")
+        got += k
+    return buf
+
+
+def recv(sock: socket.socket) -> Message:
+    """Receive one message.
+
+    Raises:
+        ConnectionError: the peer closed the connection before a whole message arrived.
+        ProtocolError: bad version, sizes over the limits, or a header that is not a JSON object.
+    """
+    fds: list[int] = []
+    first, ancdata, _flags, _addr = sock.recvmsg(
+        _PREFIX.size, socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+    )
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
+            fds.extend(arr)
+    try:
+        if not first:
+            raise ConnectionError("peer closed the connection")
+        prefix = bytes(first) + bytes(_recv_exact(sock, _PREFIX.size - len(first)))
+        version, header_len, frame_count = _PREFIX.unpack(prefix)
+        if version != VERSION or header_len > MAX_HEADER or frame_count > MAX_FRAMES:
+            raise ProtocolError("bad message prefix")
+        try:
+            header = json.loads(bytes(_recv_exact(sock, header_len)))
+        except ValueError:
+            raise ProtocolError("header is not JSON") from None
+        if not isinstance(header, dict):
+            raise ProtocolError("header is not a JSON object")
+        frames: list[bytes] = []
+        total = 0
+        for _ in range(frame_count):
+            (size,) = _U64.unpack(bytes(_recv_exact(sock, _U64.size)))
+            total += size
+            if size > MAX_FRAME or total > MAX_TOTAL_FRAMES:
+                raise ProtocolError("frame over the size limit")
+            frames.append(bytes(_recv_exact(sock, size)))
+        if header.pop("fds", 0) != len(fds):
+            raise ProtocolError("file descriptor count does not match the header")
+        return Message(header, frames, fds)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+# -- sealed memfds: immutable buffers passed by descriptor ------------------------------------------
+
+
+def sealed_memfd(data: Any, name: str = "rc-sealed") -> int:
+    """A memfd holding a copy of ``data``, sealed against writes, shrinking and growing.
+
+    The receiver checks the seals (:func:`map_sealed_memfd`), so the sender cannot change the bytes
+    while the executor reads them (no time-of-check/time-of-use on ciphertext).
+    """
+    view = memoryview(data).cast("B")
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        if len(view):
+            os.ftruncate(fd, len(view))
+            with mmap.mmap(fd, len(view)) as m:
+                m[:] = view
+        seal_memfd(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class MemfdWriter:
+    """An ``allocate(size)`` callback for ``seal``: writes straight into a new memfd mapping."""
+
+    def __init__(self, name: str = "rc-out") -> None:
+        self.fd = -1
+        self._map: mmap.mmap | None = None
+        self._name = name
+
+    def __call__(self, size: int) -> memoryview:
+        self.fd = os.memfd_create(self._name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        if size:
+            os.ftruncate(self.fd, size)
+            self._map = mmap.mmap(self.fd, size)
+            return memoryview(self._map)
+        return memoryview(bytearray(0))
+
+    def finish(self) -> int:
+        """Unmap, seal and return the descriptor (the caller owns it)."""
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        seal_memfd(self.fd)
+        return self.fd
+
+
+def seal_memfd(fd: int) -> None:
+    import fcntl
+
+    fcntl.fcntl(fd, _F_ADD_SEALS, _REQUIRED_SEALS | _F_SEAL_SEAL)
+
+
+def map_sealed_memfd(fd: int) -> memoryview:
+    """Map a received memfd read-only after checking it is sealed immutable.
+
+    Raises:
+        ProtocolError: the descriptor is not a memfd sealed against write, shrink and grow.
+    """
+    import fcntl
+
+    try:
+        seals = fcntl.fcntl(fd, _F_GET_SEALS)
+    except OSError:
+        raise ProtocolError("input descriptor is not a sealed memfd") from None
+    if seals & _REQUIRED_SEALS != _REQUIRED_SEALS:
+        raise ProtocolError("input memfd is not sealed against writes")
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return memoryview(b"")
+    return memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
+
+
+__all__ = [
+    "MemfdWriter",
+    "Message",
+    "ProtocolError",
+    "map_sealed_memfd",
+    "recv",
+    "sealed_memfd",
+    "send",
+]

@@ -1,0 +1,192 @@
+"""The untrusted side of the executor socket: what a Ray worker (the shim) sends and receives.
+
+    client = ExecutorClient.from_env()          # RAY_CONFIDENTIAL_EXECUTOR_SOCKET
+    sealed = client.call(bundle, domain="hospital", inputs=[sealed_bytes], args=[["s", 0]])
+
+The shim holds no key and sees no plaintext: it forwards sealed inputs (large ones as sealed
+memfds, so the executor reads them without a copy and the shim cannot change them mid-read), plain
+JSON parameters and the bundle source, and gets back sealed bytes or a coarse error whose detail,
+if any, is sealed (:class:`~ray_confidential.errors.SealedTaskError`).
+
+What it does NOT do: any security check. The executor trusts nothing the shim sends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from enclave_actors import protocol
+from ray_confidential.bundle import Bundle
+from ray_confidential.errors import KeyReleaseDenied, NoAttestedNodeError, SealedTaskError
+
+SOCKET_ENV = "RAY_CONFIDENTIAL_EXECUTOR_SOCKET"
+INLINE_INPUT_LIMIT = 1 << 20
+"""Sealed inputs up to this size travel as frames; larger ones as sealed memfds."""
+
+
+class CallFailed(SealedTaskError):
+    """``SealedTaskError`` that survives pickling through Ray with its sealed detail intact."""
+
+    def __reduce__(self) -> Any:
+        return (CallFailed, (self.sealed_detail, self.args[0] if self.args else "confidential call failed"))
+
+
+def _raise_for(header: dict[str, Any], frames: list[bytes]) -> None:
+    status = header.get("status")
+    message = str(header.get("message", ""))
+    if status == "task_error":
+        detail = bytes(frames[0]) if frames else None
+        raise CallFailed(detail, "confidential call failed (the detail is sealed to the domain)")
+    if status == "denied":
+        raise KeyReleaseDenied(message or "key release denied")
+    if status == "unavailable":
+        raise KeyReleaseDenied(message or "key broker unavailable; the executor fails closed")
+    if status in ("timeout", "crashed"):
+        raise CallFailed(None, f"confidential call failed: {message}")
+    if status == "bad_request":
+        raise ValueError(f"the enclave executor refused the request: {message}")
+    raise CallFailed(None, f"confidential call failed: executor status {status!r}")
+
+
+class ExecutorClient:
+    """A connection to the local executor (one per process, reconnecting as needed)."""
+
+    _instances: dict[str, ExecutorClient] = {}
+    _instances_lock = threading.Lock()
+
+    def __init__(self, path: str, *, connect_timeout: float = 30.0) -> None:
+        self.path = path
+        self.connect_timeout = connect_timeout
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._known: set[bytes] = set()
+
+    @classmethod
+    def from_env(cls) -> ExecutorClient:
+        """The client for ``$RAY_CONFIDENTIAL_EXECUTOR_SOCKET`` (shared per process).
+
+        Raises:
+            NoAttestedNodeError: this node has no enclave executor.
+        """
+        path = os.environ.get(SOCKET_ENV)
+        if not path:
+            raise NoAttestedNodeError(
+                "this Ray node has no enclave executor (RAY_CONFIDENTIAL_EXECUTOR_SOCKET is unset): a "
+                "confidential call was placed on a node that is not a TEE node"
+            )
+        with cls._instances_lock:
+            if path not in cls._instances:
+                cls._instances[path] = cls(path)
+            return cls._instances[path]
+
+    def _connect(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.path)
+                self._sock = sock
+                return sock
+            except OSError as exc:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise NoAttestedNodeError(
+                        f"enclave executor at {self.path} is not reachable: {exc}"
+                    ) from None
+                time.sleep(0.1)
+
+    def request(
+        self, header: dict[str, Any], frames: Sequence[Any] = (), fds: Sequence[int] = ()
+    ) -> protocol.Message:
+        """One request/response round trip (reconnects once if the connection was dropped)."""
+        with self._lock:
+            for attempt in (0, 1):
+                sock = self._connect()
+                try:
+                    protocol.send(sock, header, frames, fds)
+                    return protocol.recv(sock)
+                except (ConnectionError, BrokenPipeError):
+                    sock.close()
+                    self._sock = None
+                    if attempt:
+                        raise
+        raise AssertionError("unreachable")
+
+    def call(
+        self,
+        bundle: Bundle,
+        *,
+        domain: str,
+        inputs: Sequence[Any] = (),
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        recipient: str | None = None,
+    ) -> memoryview:
+        """Run ``bundle``'s entry point on sealed ``inputs``; returns the sealed result.
+
+        ``args`` / ``kwargs`` values are ``["s", i]`` (the i-th sealed input) or ``["j", value]``
+        (a plain JSON value).
+
+        Raises:
+            SealedTaskError: the call failed (detail sealed), crashed or timed out.
+            KeyReleaseDenied: the bundle is not approved, or the broker refused or is unreachable.
+        """
+        kwargs = kwargs or {}
+        params = {"args": list(args), "kwargs": list(kwargs.values()), "kwarg_names": list(kwargs)}
+        specs: list[dict[str, Any]] = []
+        frames: list[Any] = []
+        fds: list[int] = []
+        try:
+            for data in inputs:
+                view = memoryview(data).cast("B")
+                if len(view) > INLINE_INPUT_LIMIT:
+                    specs.append({"src": "fd", "index": len(fds)})
+                    fds.append(protocol.sealed_memfd(view))
+                else:
+                    specs.append({"src": "frame", "index": len(frames)})
+                    frames.append(view)
+            header: dict[str, Any] = {
+                "op": "call",
+                "bundle_digest": bundle.digest_hex,
+                "domain": domain,
+                "inputs": specs,
+                "params": params,
+                "timeout_s": timeout_s,
+                "recipient": recipient,
+            }
+            if len(json.dumps(params)) > 64 << 10:
+                raise ValueError(
+                    "plain parameters of a confidential call are limited to 64 KiB; seal larger data"
+                )
+            digest = bundle.digest
+            if digest in self._known:
+                reply = self.request(header, frames, fds)
+            else:
+                reply = protocol.Message({"status": "need_bundle"})
+            if reply.header.get("status") == "need_bundle":
+                header["bundle"] = {**bundle.to_wire(), "files": len(bundle.files)}
+                reply = self.request(header, [*(d for _, d in bundle.files), *frames], fds)
+            self._known.add(digest)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            if reply.header.get("status") != "ok":
+                _raise_for(reply.header, reply.frames)
+            if reply.fds:
+                return protocol.map_sealed_memfd(reply.fds[0])
+            return memoryview(reply.frames[0])
+        finally:
+            reply.close_fds()
+
+
+__all__ = ["SOCKET_ENV", "CallFailed", "ExecutorClient"]

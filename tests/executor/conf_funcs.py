@@ -1,0 +1,64 @@
+"""Confidential functions used by the executor tests (their module source is the code bundle)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+import ray_confidential as rc
+
+
+@rc.remote(domain="exec-a")
+def total(x: Any, scale: float = 1.0) -> dict[str, Any]:
+    return {"sum": float(np.sum(x)) * scale}
+
+
+@rc.remote(domain="exec-a")
+def where() -> dict[str, Any]:
+    ctx = rc.context()
+    return {"node_id": ctx.node_id, "tee": ctx.tee, "bundle": ctx.bundle_digest, "domains": list(ctx.domains),
+            "pid": os.getpid()}  # fmt: skip
+
+
+@rc.remote(domain="exec-a")
+def leak(x: Any) -> None:
+    """Prints its plaintext and raises with it: neither may leave the executor unsealed."""
+    text = bytes(x).decode()
+    print("PRINTED", text)
+    sys.stderr.write("STDERR " + text + "\n")
+    raise RuntimeError("raised " + text)
+
+
+@rc.remote(domain="exec-a")
+def crash() -> None:
+    os._exit(3)
+
+
+@rc.remote(domain="exec-a")
+def sleep(seconds: float) -> str:
+    time.sleep(seconds)
+    return "slept"
+
+
+@rc.remote(domain="exec-a")
+def pid_and_keys() -> dict[str, Any]:
+    """What a bundle can see of earlier calls' keys in its own process (nothing)."""
+    import gc
+
+    from ray_confidential.crypto.hpke import PrivateKeyHandle
+
+    handles = [o for o in gc.get_objects() if isinstance(o, PrivateKeyHandle)]
+    return {"pid": os.getpid(), "key_handles": len(handles)}
+
+
+@rc.remote(domain="exec-a")
+def echo_len(table: Any) -> int:
+    return int(table.num_rows)
+
+
+if __name__ == "__main__":
+    raise SystemExit("this block must never run inside the executor")
