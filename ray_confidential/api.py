@@ -19,12 +19,13 @@ import logging
 import os
 import pickle
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 
-from ray_confidential import _ray_compat
+from ray_confidential import _ray_compat, metrics
 from ray_confidential.domains import DomainDescriptor, DomainPolicy
 from ray_confidential.errors import KeyReleaseDenied
 from ray_confidential.keyservice import DevKeyService, KeyService, PublicDirectory
@@ -171,6 +172,11 @@ def shutdown() -> None:
     global _session
     with _lock:
         session, _session = _session, None
+    if session is not None and ray.is_initialized():
+        try:
+            metrics.flush(timeout=10.0)  # hand this driver's figures to the long-lived sink
+        except Exception as exc:  # metrics never block shutdown
+            logger.warning("ray_confidential: could not flush metrics: %s", exc)
     if session is not None and session.started_ray and ray.is_initialized():
         ray.shutdown()
 
@@ -210,12 +216,15 @@ def seal_and_put(value: Any, descriptor: DomainDescriptor) -> SealedRef:
         domain=descriptor.name, version=descriptor.version, public_key=descriptor.public_key
     )
     producer = ray.get_runtime_context().get_node_id()[:32]
+    started = time.perf_counter()
     with _staging.lock:
         sealed = seal(
             value, key, producer_id=producer, allow_pickle=descriptor.allow_pickle, allocate=_staging.allocate
         )
         header = SealedHeader.parse(sealed[: min(len(sealed), 16384)])
         object_ref = ray.put(_SealedPayload(sealed))
+    metrics.observe("confidential_seal_seconds", time.perf_counter() - started)
+    metrics.inc("confidential_sealed_bytes_total", len(sealed), direction="out")
     return SealedRef(
         object_ref,
         domain=descriptor.name,
@@ -246,7 +255,12 @@ def get(ref: SealedRef | ray.ObjectRef[Any], *, timeout: float | None = None) ->
         DecryptionError: the object was tampered with or its key version is retired.
     """
     session = _session_or_die()
-    return open_sealed(_payload(ref, timeout), session.key_service)
+    payload = _payload(ref, timeout)
+    started = time.perf_counter()
+    value = open_sealed(payload, session.key_service)
+    metrics.observe("confidential_unseal_seconds", time.perf_counter() - started)
+    metrics.inc("confidential_sealed_bytes_total", len(payload), direction="in")
+    return value
 
 
 def export(ref: SealedRef | ray.ObjectRef[Any], *, timeout: float | None = None) -> bytes:

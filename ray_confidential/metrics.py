@@ -1,0 +1,202 @@
+"""Metrics for the Ray dashboard: ``confidential_*`` (exported by Ray as ``ray_confidential_*``).
+
+Short-lived processes (drivers, task workers) buffer their figures and hand them to one long-lived
+detached actor, the metrics sink, which records them with ``ray.util.metrics``; so a short job's
+figures still reach the metrics endpoint after its driver exits. Tag values come only from fixed
+allow-lists (TEE kinds, results, directions) or from operator-defined pool names; anything else is
+recorded as "other", so no user-controlled string becomes a label value.
+
+    >>> import ray_confidential.metrics as m
+    >>> m.safe_tag("tee", "sev-snp"), m.safe_tag("tee", "<script>")
+    ('sev-snp', 'other')
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any, Final
+
+from ray_confidential.attestation.claims import TEE_KINDS
+
+SINK_NAME: Final = "ray_confidential_metrics"
+SINK_NAMESPACE: Final = "ray_confidential"
+FLUSH_SECONDS: Final = 5.0
+LATENCY_BOUNDARIES: Final = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+
+# name -> (kind, description, tag keys)
+METRICS: Final[dict[str, tuple[str, str, tuple[str, ...]]]] = {
+    "confidential_attestations_total": (
+        "counter",
+        "Executor attestations by TEE kind and result",
+        ("tee", "result"),
+    ),
+    "confidential_key_releases_total": ("counter", "Data-key releases (unwraps) by result", ("result",)),
+    "confidential_sealed_bytes_total": (
+        "counter",
+        "Sealed bytes produced (out) and opened (in)",
+        ("direction",),
+    ),
+    "confidential_seal_seconds": ("histogram", "Time to seal one object", ()),
+    "confidential_unseal_seconds": ("histogram", "Time to open one object", ()),
+    "confidential_attested_nodes": (
+        "gauge",
+        "Nodes whose executors hold a valid attestation, by pool",
+        ("pool",),
+    ),
+}
+
+_ALLOWED: Final[dict[str, frozenset[str]]] = {
+    "tee": frozenset(TEE_KINDS),
+    "result": frozenset({"ok", "denied", "granted", "error"}),
+    "direction": frozenset({"in", "out"}),
+}
+_POOL_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def safe_tag(key: str, value: str) -> str:
+    """The value if it is on the key's allow-list (pools: DNS-label shaped names), else "other"."""
+    if key == "pool":
+        return value if _POOL_RE.match(value) else "other"
+    return value if value in _ALLOWED.get(key, frozenset()) else "other"
+
+
+def _check(name: str, tags: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}")
+    keys = METRICS[name][2]
+    if set(tags) != set(keys):
+        raise ValueError(f"metric {name} takes tags {keys}, got {sorted(tags)}")
+    return tuple((k, safe_tag(k, str(tags[k]))) for k in keys)
+
+
+class _Buffer:
+    """Figures recorded in this process and not yet handed to the sink."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
+        self.observations: list[tuple[str, tuple[tuple[str, str], ...], float]] = []
+        self.gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self.last_flush = time.monotonic()
+
+    def take(self) -> dict[str, Any]:
+        with self.lock:
+            batch = {
+                "counters": list(self.counters.items()),
+                "observations": list(self.observations),
+                "gauges": list(self.gauges.items()),
+            }
+            self.counters.clear()
+            self.observations.clear()
+            self.gauges.clear()
+            self.last_flush = time.monotonic()
+        return batch
+
+
+_buffer = _Buffer()
+
+
+def inc(name: str, value: float = 1.0, **tags: str) -> None:
+    """Add ``value`` to counter ``name``."""
+    key = (name, _check(name, tags))
+    with _buffer.lock:
+        _buffer.counters[key] += value
+    _maybe_flush()
+
+
+def observe(name: str, seconds: float, **tags: str) -> None:
+    """Record one observation of histogram ``name``."""
+    key = _check(name, tags)
+    with _buffer.lock:
+        _buffer.observations.append((name, key, seconds))
+    _maybe_flush()
+
+
+def set_gauge(name: str, value: float, **tags: str) -> None:
+    key = (name, _check(name, tags))
+    with _buffer.lock:
+        _buffer.gauges[key] = value
+    _maybe_flush()
+
+
+def _maybe_flush() -> None:
+    if time.monotonic() - _buffer.last_flush >= FLUSH_SECONDS:
+        flush(wait=False)
+
+
+def flush(*, wait: bool = True, timeout: float = 10.0) -> None:
+    """Hand buffered figures to the sink actor (creating it if needed). No-op outside Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    batch = _buffer.take()
+    if not any(batch.values()):
+        return
+    sink = MetricsSink.options(
+        name=SINK_NAME, namespace=SINK_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0
+    ).remote()
+    ref = sink.record.remote(batch)
+    if wait:
+        ray.get(ref, timeout=timeout)
+
+
+class _SinkImpl:
+    """The sink: owns the ``ray.util.metrics`` objects (one per metric name) in a long-lived actor."""
+
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        self._metrics: dict[str, Any] = {}
+        for name, (kind, description, keys) in METRICS.items():
+            if kind == "counter":
+                self._metrics[name] = metrics.Counter(name, description=description, tag_keys=keys)
+            elif kind == "histogram":
+                self._metrics[name] = metrics.Histogram(
+                    name, description=description, boundaries=LATENCY_BOUNDARIES, tag_keys=keys
+                )
+            else:
+                self._metrics[name] = metrics.Gauge(name, description=description, tag_keys=keys)
+
+    def record(self, batch: Mapping[str, Any]) -> int:
+        n = 0
+        for (name, tags), value in batch.get("counters", []):
+            self._metrics[name].inc(float(value), tags={k: safe_tag(k, v) for k, v in tags})
+            n += 1
+        for name, tags, value in batch.get("observations", []):
+            self._metrics[name].observe(float(value), tags={k: safe_tag(k, v) for k, v in tags})
+            n += 1
+        for (name, tags), value in batch.get("gauges", []):
+            self._metrics[name].set(float(value), tags={k: safe_tag(k, v) for k, v in tags})
+            n += 1
+        return n
+
+
+def _make_sink() -> Any:
+    import ray
+
+    return ray.remote(_SinkImpl)
+
+
+class _LazySink:
+    """``MetricsSink.options(...)`` without importing Ray at module import time."""
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(_sink_class(), item)
+
+
+_sink_cls: Any = None
+
+
+def _sink_class() -> Any:
+    global _sink_cls
+    if _sink_cls is None:
+        _sink_cls = _make_sink()
+    return _sink_cls
+
+
+MetricsSink: Any = _LazySink()

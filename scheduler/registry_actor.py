@@ -1,0 +1,226 @@
+"""The trust registry as a named, detached Ray actor, and the driver-side client that distrusts it.
+
+    registry = get_or_create_registry(verifier, path="/var/lib/ray-confidential/registry.json")
+    submit(registry, signer.admit(...))                     # the broker's side
+    client = RegistryClient(verifier)                       # a driver's side
+    placer = Placer(client.entries, wait_s=60)
+
+Security argument. A named detached actor is callable by every job, and it runs in an ordinary Ray
+worker, where the head and any job can run code (design.md section 2). So:
+
+* mutations carry broker-signed statements only (wire bytes, no pickled objects); anything else is
+  refused with a coarse error (full reason in the actor's log);
+* drivers never trust the actor's answer: :class:`RegistryClient` fetches the signed statements and
+  verifies each against the statement key the driver pins itself. A compromised or squatted actor can
+  withhold nodes (availability) or replay an older admit until its ``exp`` (at most 5 min), but cannot
+  add a node the broker did not admit;
+* placement is routing: the broker still decides every key release.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Collection
+from typing import Any, Final
+
+import ray
+
+from scheduler.labels import NODE_ID_LABEL, TEE_LABEL
+from scheduler.placement import Placer
+from scheduler.registry import (
+    RegistryEntry,
+    RegistryVerifier,
+    SignedStatement,
+    StatementRejected,
+    TrustRegistry,
+)
+
+log = logging.getLogger(__name__)
+
+REGISTRY_ACTOR_NAME: Final = "ray-confidential-trust-registry"
+REGISTRY_NAMESPACE: Final = "ray-confidential"
+MAX_CACHE: Final = 100_000
+DEFAULT_MAX_STALENESS_S: Final = 1.0
+
+
+class RegistryActor:
+    """Holds a :class:`TrustRegistry`; every method takes or returns bytes and plain values only."""
+
+    def __init__(
+        self, public_pem: bytes, registry_id: str, path: str | None, max_age: int, leeway: int
+    ) -> None:
+        verifier = RegistryVerifier.from_pem(
+            public_pem, registry_id=registry_id, max_age=max_age, leeway=leeway
+        )
+        self._registry = TrustRegistry(verifier, path=path)
+
+    def submit(self, statement: bytes) -> None:
+        """Apply one broker-signed statement (wire bytes); anything else is refused."""
+        try:
+            if not isinstance(statement, (bytes, bytearray)):
+                raise StatementRejected(f"expected statement bytes, got {type(statement).__name__}")
+            self._registry.submit(bytes(statement))
+        except StatementRejected as exc:
+            log.warning("trust registry: refused a mutation: %s", exc)
+            raise StatementRejected("registry statement refused") from None
+
+    def statements(self) -> list[bytes]:
+        """Signed admits of the current entries, after dropping expired and dead nodes."""
+        self._registry.prune(alive=_alive_node_ids())
+        return [s.to_bytes() for s in self._registry.statements()]
+
+    def identity(self) -> tuple[str, str]:
+        """``(registry id, statement-key fingerprint)`` this actor was created with."""
+        v = self._registry.verifier
+        return v.registry_id, v.fingerprint
+
+
+def _alive_node_ids() -> set[str]:
+    return {str(n["NodeID"]) for n in ray.nodes() if n.get("Alive")}  # type: ignore[no-untyped-call]
+
+
+def get_or_create_registry(
+    verifier: RegistryVerifier,
+    *,
+    path: str | None = None,
+    node_id: str | None = None,
+) -> Any:
+    """The cluster's registry actor, created (detached, restartable) if it does not exist.
+
+    Args:
+        verifier: the pinned statement key and registry id.
+        path: persistence file on the actor's node (a restart reloads and re-verifies it).
+        node_id: node to pin the actor to (default: this process's node), so a restart finds its file.
+
+    Raises:
+        StatementRejected: an actor of that name exists with another registry id or statement key
+            (squatted or misconfigured).
+    """
+    node = node_id or ray.get_runtime_context().get_node_id()
+    cls = ray.remote(RegistryActor)
+    handle = cls.options(
+        name=REGISTRY_ACTOR_NAME,
+        namespace=REGISTRY_NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=0,
+        max_restarts=-1,
+        label_selector={NODE_ID_LABEL: node},
+    ).remote(verifier.public_pem(), verifier.registry_id, path, verifier.max_age, verifier.leeway)
+    identity = tuple(ray.get(handle.identity.remote()))  # type: ignore[attr-defined]
+    if identity != (verifier.registry_id, verifier.fingerprint):
+        raise StatementRejected(
+            f"registry actor {REGISTRY_ACTOR_NAME!r} is pinned to {identity}, expected "
+            f"{(verifier.registry_id, verifier.fingerprint)}: refusing it"
+        )
+    return handle
+
+
+def submit(handle: Any, statement: SignedStatement) -> None:
+    """Send one signed statement to the registry actor (the broker's call)."""
+    ray.get(handle.submit.remote(statement.to_bytes()))
+
+
+class RegistryClient:
+    """A driver's view of the registry: every statement re-verified against the driver's own pin.
+
+    Args:
+        verifier: the statement key and registry id this driver pins (from its configuration).
+        handle: the actor (default: look up the named actor).
+        alive: ``alive()`` returns alive node ids (default: ``ray.nodes()``).
+        max_staleness_s: reuse the last fetched view for this long (one actor call and one
+            ``ray.nodes()`` per period, not per placement). A revoked or dead node stays routable
+            that long; routing only, the broker refuses it keys at once (docs/placement.md).
+        monotonic: clock for the staleness period.
+    """
+
+    def __init__(
+        self,
+        verifier: RegistryVerifier,
+        handle: Any = None,
+        *,
+        alive: Callable[[], Collection[str]] | None = None,
+        max_staleness_s: float = DEFAULT_MAX_STALENESS_S,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.verifier = verifier
+        self._handle = handle
+        self._alive = alive or _alive_node_ids
+        self._cache: dict[bytes, RegistryEntry | None] = {}
+        self._last: list[RegistryEntry] = []
+        self._fetched_at: float | None = None
+        self.max_staleness_s = max_staleness_s
+        self._monotonic = monotonic
+
+    def _actor(self) -> Any:
+        if self._handle is None:
+            self._handle = ray.get_actor(REGISTRY_ACTOR_NAME, namespace=REGISTRY_NAMESPACE)
+        return self._handle
+
+    def entries(self, now: float | None = None) -> list[RegistryEntry]:
+        """Verified, unexpired admits of alive nodes (the newest per node)."""
+        t = time.time() if now is None else now
+        m = self._monotonic()
+        if self._fetched_at is None or m - self._fetched_at >= self.max_staleness_s:
+            self._last = self._fetch()
+            self._fetched_at = m
+        return [e for e in self._last if e.expires_at > t]
+
+    def _fetch(self) -> list[RegistryEntry]:
+        raw: list[bytes] = ray.get(self._actor().statements.remote())
+        newest: dict[str, RegistryEntry] = {}
+        for data in raw:
+            entry = self._verify(data)
+            if entry is not None and (entry.node_id not in newest or entry.seq > newest[entry.node_id].seq):
+                newest[entry.node_id] = entry
+        alive = set(self._alive())
+        return [e for _, e in sorted(newest.items()) if e.node_id in alive]
+
+    def describe_cluster(self) -> str:
+        """One line for :class:`NoAttestedNodeError`: alive nodes, and TEE-labelled ones not attested."""
+        nodes = [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+        registered = {e.node_id for e in self._last}
+        claimed = Counter(
+            str(n.get("Labels", {}).get(TEE_LABEL))
+            for n in nodes
+            if TEE_LABEL in n.get("Labels", {}) and n["NodeID"] not in registered
+        )
+        text = f"the cluster has {len(nodes)} alive nodes"
+        if claimed:
+            text += "; labelled as TEEs but holding no routing token: " + ", ".join(
+                f"{n} x {k}" for k, n in sorted(claimed.items())
+            )
+        return text
+
+    def placer(self, **kwargs: Any) -> Placer:
+        """A :class:`~scheduler.placement.Placer` over this client (kwargs: wait_s, pools_config, ...)."""
+        return Placer(self.entries, describe_cluster=self.describe_cluster, **kwargs)
+
+    def _verify(self, data: bytes) -> RegistryEntry | None:
+        key = data if isinstance(data, bytes) else b""
+        if key in self._cache:
+            return self._cache[key]
+        entry: RegistryEntry | None = None
+        try:
+            st = SignedStatement.from_bytes(data)
+            body = self.verifier.verify(st, now=0, fresh=False)
+            if body.kind == "admit":
+                entry = RegistryEntry(
+                    node_id=body.node_id,
+                    tee=body.tee,
+                    pool=body.pool,
+                    region=body.region,
+                    measurement=body.measurement,
+                    claims=body.claims,
+                    expires_at=body.exp,
+                    seq=body.seq,
+                    issued_at=body.iat,
+                )
+        except StatementRejected as exc:
+            log.warning("trust registry actor returned a statement that does not verify: %s", exc)
+        if len(self._cache) >= MAX_CACHE:
+            self._cache.clear()
+        self._cache[key] = entry
+        return entry
