@@ -1,22 +1,26 @@
 """Key broker throughput and latency over loopback gRPC with TLS (issue 4 "Benchmark").
 
-    python benchmarks/kbs.py [--seconds 4] [--kind tdx] [--out benchmarks/results/kbs.json]
+    python benchmarks/kbs.py [--seconds 4] [--kind tdx] [--workers 8] [--only closed16|open|cached]
+                             [--out benchmarks/results/kbs.json]
 
 The broker runs in a child process (its own interpreter: a second core, its own GIL) with a
-throwaway TLS CA, the real audit log on disk (group commit, fsync) and rate limits off; the load
-generator runs simulated executors in this process. One *round trip* = GetChallenge + evidence
-generation + Attest + Unwrap (a fresh executor key, token and release each time).
+throwaway TLS CA, the real audit log on disk (group commit, fdatasync) and rate limits off; the load
+generator runs in this process with evidence as a deployed executor produces it (:class:`CheapEvidence`).
+One *round trip* = GetChallenge + evidence + Attest + Unwrap (a fresh executor key, token and release
+each time).
 
 Measured: closed loop with 1, 4, 16, 64 clients (round trips/s, mean latency, broker CPU ms and load
 generator CPU ms per release); open loop at a fixed arrival rate (p50, p99 from the scheduled start,
-so queueing counts); cached-token unwraps/s (16 threads, one token); broker memory per 10,000
-outstanding sessions (challenges, tracemalloc). Writes JSON and prints a one-line summary. Goals:
->= 300 round trips/s at 16 clients; open loop 150/s p99 <= 20 ms; cached unwraps >= 2,000/s.
+so queueing counts); cached-token unwraps/s (16 threads, one token, 256 objects); broker memory per
+10,000 outstanding sessions (challenges, tracemalloc). Writes JSON (keeping any ``before``/``limits``
+notes already in the file) and prints a one-line summary. Goals: >= 300 round trips/s at 16 clients;
+open loop 150/s p99 <= 20 ms; cached unwraps >= 2,000/s. Figures and what limits them: docs/kbs.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -29,6 +33,7 @@ import time
 import tracemalloc
 import warnings
 from concurrent import futures
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +41,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore", category=UserWarning)
 
+from ray_confidential.attestation.binding import Binding  # noqa: E402
+from ray_confidential.attestation.evidence import Evidence  # noqa: E402
+from ray_confidential.crypto import hpke  # noqa: E402
 from ray_confidential.kbs.challenges import ChallengeStore  # noqa: E402
 from ray_confidential.kbs.client import KBSClient  # noqa: E402
-from ray_confidential.testing.simulated import DevRootOfTrust  # noqa: E402
-from tests.kbs.broker_env import PKI, Executor, pinned_policy  # noqa: E402
+from ray_confidential.sealed.format import DomainPublicKey, seal  # noqa: E402
+from ray_confidential.testing.simulated import DevRootOfTrust, SimulatedTEE  # noqa: E402
+from tests.kbs.broker_env import BUNDLE, CLUSTER, PKI, PROFILE, pinned_policy  # noqa: E402
 
 DOMAIN = "bench"
 
 
-def _serve(conn: Any, pki_pem: dict[str, Any], launch: bytes, audit_dir: str) -> None:
+def _serve(conn: Any, pki_pem: dict[str, Any], launch: bytes, audit_dir: str, workers: int | None) -> None:
     """Child: a broker with TLS + mTLS owners, real audit log, no rate limit; reports ports and keys."""
     from ray_confidential.kbs.audit import AuditLog
     from ray_confidential.kbs.broker import Broker, BrokerSettings
     from ray_confidential.kbs.config import public_pem
-    from ray_confidential.kbs.server import KBSServer, TLSFiles
+    from ray_confidential.kbs.server import DEFAULT_WORKERS, KBSServer, TLSFiles
     from ray_confidential.kbs.store import MemoryStore
     from ray_confidential.kbs.tokens import new_signing_key
 
@@ -60,7 +69,8 @@ def _serve(conn: Any, pki_pem: dict[str, Any], launch: bytes, audit_dir: str) ->
                     store=MemoryStore(), audit=audit, trust=trust, token_key=new_signing_key(),
                     release_key=release)  # fmt: skip
     tls = TLSFiles(pki_pem["cert"], pki_pem["key"], pki_pem["ca"])
-    server = KBSServer(broker, address="127.0.0.1:0", tls=tls, owner_address="127.0.0.1:0", max_workers=32)
+    server = KBSServer(broker, address="127.0.0.1:0", tls=tls, owner_address="127.0.0.1:0",
+                       max_workers=workers or DEFAULT_WORKERS)  # fmt: skip
     server.start()
     conn.send({"port": server.port, "owner_port": server.owner_port, "release": public_pem(release)})
     conn.recv()  # any message: stop
@@ -74,13 +84,53 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _round_trip(client: KBSClient, kind: str, blob: bytes) -> None:
-    ex = Executor.create(kind)
-    token = ex.attest(client, domains=(DOMAIN,))
-    client.unwrap(token, blob, ex.key)
+class CheapEvidence:
+    """Evidence as a deployed executor produces it, at the cost a real one pays.
+
+    TDX/SGX: a quoting enclave signs the report body with its attestation key, and the collector
+    attaches collateral fetched from the PCS/PCCS cache, the same bytes for every quote of the
+    platform until its nextUpdate. So: one template quote and its collateral, built once; per
+    challenge, the report data is replaced and the quote re-signed (one ECDSA signature), exactly
+    the bytes ``SimulatedTEE`` would emit with collateral fixed. Other kinds: ``SimulatedTEE``.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind, self.tee = kind, SimulatedTEE(kind)
+        self._template: Any = None
+        if kind in ("tdx", "sgx"):
+            from ray_confidential.attestation.dcap.abi import Quote
+
+            first = self.tee.evidence(Binding(nonce=bytes(32), executor_public_key=bytes(32),
+                                              hpke_suite="x25519", cluster_id=CLUSTER, bundle_digest=BUNDLE))  # fmt: skip
+            self._template = (Quote.from_bytes(first.evidence), first.collateral)
+            self._ak = DevRootOfTrust.for_process().root(kind).attestation_key
+
+    def evidence(self, binding: Binding) -> Evidence:
+        if self._template is None:
+            return self.tee.evidence(binding)
+        from ray_confidential.testing.dcap_fake import _sign_rs
+
+        quote, collateral = self._template
+        q = replace(quote, body=replace(quote.body, report_data=binding.report_data()))
+        q = replace(
+            q, signature_data=replace(q.signature_data, signature=_sign_rs(self._ak, q.signed_bytes()))
+        )
+        return Evidence(tee=self.kind, evidence=q.to_bytes(), collateral=collateral)
 
 
-def closed_loop(clients: list[KBSClient], kind: str, blob: bytes, seconds: float, pid: int) -> dict[str, Any]:
+def _round_trip(client: KBSClient, source: CheapEvidence, blob: bytes) -> None:
+    key = hpke.generate_private_key()
+    ch = client.challenge()
+    evidence = source.evidence(ch.binding(key, cluster_id=CLUSTER, bundle_digest=BUNDLE))
+    token = client.attest(ch, evidence, profile=PROFILE[source.kind], executor_key=key, cluster_id=CLUSTER,
+                          bundle_digest=BUNDLE, scope="release", node_id="node-1", pool="pool-1", region="eu",
+                          domains=(DOMAIN,))  # fmt: skip
+    client.unwrap(token, blob, key)
+
+
+def closed_loop(
+    clients: list[KBSClient], kind: CheapEvidence, blob: bytes, seconds: float, pid: int
+) -> dict[str, Any]:
     stop = time.monotonic() + seconds
     counts, latencies = [0] * len(clients), []
     lock = threading.Lock()
@@ -113,7 +163,7 @@ def closed_loop(clients: list[KBSClient], kind: str, blob: bytes, seconds: float
 
 
 def open_loop(
-    clients: list[KBSClient], kind: str, blob: bytes, rate: float, seconds: float
+    clients: list[KBSClient], kind: CheapEvidence, blob: bytes, rate: float, seconds: float
 ) -> dict[str, Any]:
     total = int(rate * seconds)
     latencies: list[float] = []
@@ -141,27 +191,35 @@ def open_loop(
 
 
 def cached_unwraps(
-    clients: list[KBSClient], kind: str, blob: bytes, seconds: float, pid: int
+    clients: list[KBSClient], source: CheapEvidence, blobs: list[bytes], seconds: float, pid: int
 ) -> dict[str, Any]:
-    ex = Executor.create(kind)
-    token = ex.attest(clients[0], domains=(DOMAIN,))
+    """One token (attested once), many objects: each thread unwraps the next of ``blobs`` in turn."""
+    key = hpke.generate_private_key()
+    ch = clients[0].challenge()
+    token = clients[0].attest(ch, source.evidence(ch.binding(key, cluster_id=CLUSTER, bundle_digest=BUNDLE)),
+                              profile=PROFILE[source.kind], executor_key=key, cluster_id=CLUSTER,
+                              bundle_digest=BUNDLE, scope="release", node_id="node-1", pool="pool-1",
+                              region="eu", domains=(DOMAIN,))  # fmt: skip
     stop = time.monotonic() + seconds
     counts = [0] * len(clients)
 
     def worker(i: int) -> None:
+        j = i
         while time.monotonic() < stop:
-            clients[i].unwrap(token, blob, ex.key)
+            clients[i].unwrap(token, blobs[j % len(blobs)], key)
             counts[i] += 1
+            j += len(clients)
 
-    s0, w0 = _cpu(pid), time.monotonic()
+    s0, c0, w0 = _cpu(pid), time.process_time(), time.monotonic()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(clients))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     n = sum(counts)
-    return {"threads": len(clients), "unwraps": n, "per_second": n / (time.monotonic() - w0),
-            "broker_cpu_ms_per_unwrap": 1e3 * (_cpu(pid) - s0) / n}  # fmt: skip
+    return {"threads": len(clients), "objects": len(blobs), "unwraps": n, "per_second": n / (time.monotonic() - w0),
+            "broker_cpu_ms_per_unwrap": 1e3 * (_cpu(pid) - s0) / n,
+            "loadgen_cpu_ms_per_unwrap": 1e3 * (time.process_time() - c0) / n}  # fmt: skip
 
 
 def memory_per_10k_sessions() -> dict[str, Any]:
@@ -184,6 +242,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--kind", default="tdx", choices=["sev-snp", "tdx", "sgx", "nitro"])
     parser.add_argument("--open-rate", type=float, default=150.0)
+    parser.add_argument(
+        "--workers", type=int, default=None, help="broker gRPC handler threads (default: KBSServer's)"
+    )
+    parser.add_argument("--threads", type=int, default=16, help="load generator threads for cached unwraps")
+    parser.add_argument("--only", choices=["closed16", "open", "cached"], help="run one measurement")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kbs.json"))
     args = parser.parse_args()
 
@@ -194,7 +257,7 @@ def main() -> int:
     parent, child = ctx.Pipe()
     with tempfile.TemporaryDirectory(prefix="kbs-bench-") as audit_dir:
         proc = ctx.Process(target=_serve, args=(child, {"cert": pki.server.cert_chain, "key": pki.server.private_key,
-                                                         "ca": pki.ca_pem}, launch, audit_dir))  # fmt: skip
+                                                         "ca": pki.ca_pem}, launch, audit_dir, args.workers))  # fmt: skip
         proc.start()
         info = parent.recv()
         assert proc.pid is not None
@@ -204,45 +267,65 @@ def main() -> int:
         owner = KBSClient(f"127.0.0.1:{info['owner_port']}", release_public_key=info["release"],
                           ca_cert=pki.ca_pem, client_cert=cert, client_key=key)  # fmt: skip
         owner.create_domain(DOMAIN, pinned_policy(args.kind))
-        from ray_confidential.sealed.format import DomainPublicKey, seal
-
         d = owner.descriptor(DOMAIN)
-        blob = bytes(
-            seal(b"x" * 1024, DomainPublicKey(domain=DOMAIN, version=d.version, public_key=d.public_key))
-        )
+        dpk = DomainPublicKey(domain=DOMAIN, version=d.version, public_key=d.public_key)
+        blobs = [bytes(seal(b"x" * 1024, dpk)) for _ in range(256)]
         pool = [KBSClient(target, release_public_key=info["release"], ca_cert=pki.ca_pem, timeout=30)
                 for _ in range(64)]  # fmt: skip
-        for c in pool[:4]:
-            _round_trip(c, args.kind, blob)  # warm up channels and caches
+        source = CheapEvidence(args.kind)
+        for c in pool:
+            _round_trip(c, source, blobs[0])  # warm up channels (TLS handshakes) and caches
         results: dict[str, Any] = {"closed_loop": []}
-        for n in (1, 4, 16, 64):
-            results["closed_loop"].append(closed_loop(pool[:n], args.kind, blob, args.seconds, pid))
-        results["open_loop"] = open_loop(pool, args.kind, blob, args.open_rate, args.seconds)
-        results["cached_token_unwraps"] = cached_unwraps(pool[:16], args.kind, blob, args.seconds, pid)
+        if args.only in (None, "closed16"):
+            for n in (1, 4, 16, 64) if args.only is None else (16,):
+                results["closed_loop"].append(closed_loop(pool[:n], source, blobs[0], args.seconds, pid))
+        if args.only in (None, "open"):
+            results["open_loop"] = open_loop(pool, source, blobs[0], args.open_rate, args.seconds)
+        if args.only in (None, "cached"):
+            results["cached_token_unwraps"] = cached_unwraps(
+                pool[: args.threads], source, blobs, args.seconds, pid
+            )
         results["memory_per_10k_sessions"] = memory_per_10k_sessions()
         parent.send("stop")
         proc.join(30)
         for c in [*pool, owner]:
             c.close()
     results["config"] = {"kind": args.kind, "seconds": args.seconds, "tls": True, "audit": "file, group commit",
+                         "broker_workers": args.workers, "evidence": "CheapEvidence (collateral reused)",
                          "cpus": os.cpu_count(), "python": platform.python_version(),
+                         "loadavg_at_end": Path("/proc/loadavg").read_text().split()[:3],
                          "machine": platform.machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
-    results["goals"] = {
-        "closed_16_ge_300_per_s": results["closed_loop"][2]["per_second"] >= 300,
-        "open_150_p99_le_20ms": results["open_loop"]["p99_ms"] <= 20,
-        "cached_unwraps_ge_2000_per_s": results["cached_token_unwraps"]["per_second"] >= 2000,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     cl = {r["clients"]: r for r in results["closed_loop"]}
-    print(
-        f"kbs ({args.kind}, TLS, {os.cpu_count()} CPUs): closed loop "
-        + ", ".join(f"{n}c {cl[n]['per_second']:.0f}/s" for n in cl)
-        + f"; broker CPU {cl[16]['broker_cpu_ms_per_release']:.2f} ms/release"
-        + f"; open {args.open_rate:.0f}/s p50 {results['open_loop']['p50_ms']:.1f} ms p99 {results['open_loop']['p99_ms']:.1f} ms"
-        + f"; cached unwraps {results['cached_token_unwraps']['per_second']:.0f}/s"
-        + f"; {results['memory_per_10k_sessions']['bytes'] / 1e6:.1f} MB per 10k sessions"
-    )
+    goals: dict[str, bool] = {}
+    if 16 in cl:
+        goals["closed_16_ge_300_per_s"] = cl[16]["per_second"] >= 300
+    if "open_loop" in results:
+        goals["open_150_p99_le_20ms"] = results["open_loop"]["p99_ms"] <= 20
+    if "cached_token_unwraps" in results:
+        goals["cached_unwraps_ge_2000_per_s"] = results["cached_token_unwraps"]["per_second"] >= 2000
+    results["goals"] = goals
+    out = Path(args.out)
+    if out.exists():  # keep what a person wrote beside the figures (before/limits notes)
+        with contextlib.suppress(ValueError):
+            old = json.loads(out.read_text())
+            results.update({k: v for k, v in old.items() if k in ("before", "limits", "notes")})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    parts = []
+    if cl:
+        parts.append("closed loop " + ", ".join(f"{n}c {cl[n]['per_second']:.0f}/s" for n in cl))
+        some = cl.get(16) or next(iter(cl.values()))
+        parts.append(f"broker CPU {some['broker_cpu_ms_per_release']:.2f} ms/release, "
+                     f"load generator {some['loadgen_cpu_ms_per_release']:.2f} ms")  # fmt: skip
+    if "open_loop" in results:
+        o = results["open_loop"]
+        parts.append(f"open {args.open_rate:.0f}/s p50 {o['p50_ms']:.1f} ms p99 {o['p99_ms']:.1f} ms")
+    if "cached_token_unwraps" in results:
+        c = results["cached_token_unwraps"]
+        parts.append(f"cached unwraps {c['per_second']:.0f}/s (broker {c['broker_cpu_ms_per_unwrap']:.2f} ms, "
+                     f"load generator {c['loadgen_cpu_ms_per_unwrap']:.2f} ms each)")  # fmt: skip
+    parts.append(f"{results['memory_per_10k_sessions']['bytes'] / 1e6:.1f} MB per 10k sessions")
+    print(f"kbs ({args.kind}, TLS, {os.cpu_count()} CPUs): " + "; ".join(parts))
     return 0
 
 

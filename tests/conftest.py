@@ -34,3 +34,11 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh development key-state directory for one test."""
     monkeypatch.setenv("RAY_CONFIDENTIAL_STATE_DIR", str(tmp_path / "state"))
     return tmp_path / "state"
+
+
+# Property tests: random in development, reproducible in CI (a CI failure replays exactly).
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    _hypothesis_settings.load_profile("ci")

@@ -95,7 +95,7 @@ def certificate_errors_are_format_errors(fn: Callable[_P, _R]) -> Callable[_P, _
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return fn(*args, **kwargs)
-        except (x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        except (x509.DuplicateExtension, x509.UnsupportedGeneralNameType, x509.InvalidVersion) as exc:
             raise EvidenceFormatError(f"malformed certificate: {exc}") from exc
 
     return wrapper

@@ -299,6 +299,7 @@ class Broker:
         token = self.issuer.sign(claims_out)
         self._record("attest", decision="grant", token_id=claims_out.jti, measurement=measurement, tcb=tcb,
                      exp=claims_out.exp, **ctx)  # fmt: skip
+        self.verifier.remember(token, claims_out)  # its first Unwrap skips re-verifying our own signature
         return token, claims_out
 
     def _appraisal(self, d: DomainRecord) -> AppraisalPolicy:
@@ -541,6 +542,22 @@ class Broker:
             return epoch
 
         result: int = self._owner_op("revoke", owner, {"kind": kind, "value": value}, op)
+        return result
+
+    def audit_checkpoint(self, owner: str | None) -> bytes:
+        """A signed checkpoint of the audit log's durable head, for any owner (mutual TLS) to keep
+        elsewhere (docs/audit-log.md "Checkpoints"). The fetch is itself audited, and the checkpoint
+        covers that record. Raises :class:`Denied` without an owner, or if the log makes none."""
+
+        def op(who: str) -> bytes:
+            checkpoint = getattr(self._audit, "checkpoint", None)
+            if not callable(checkpoint):
+                raise Denied("NOT_FOUND", "this broker's audit log makes no checkpoints")
+            self._record("audit_checkpoint", decision="grant", owner=who)
+            data: bytes = checkpoint()
+            return data
+
+        result: bytes = self._owner_op("audit_checkpoint", owner, {}, op)
         return result
 
     @property

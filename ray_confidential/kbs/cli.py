@@ -42,6 +42,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT, then shut down gracefully."""
     from ray_confidential.kbs.config import DEV_BANNER, BrokerConfig, ConfigError, build, launch_data
+    from ray_confidential.kbs.store import KeyStoreError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -52,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server, broker = build(config)
         server.install_signal_handlers()
         port = server.start()
-    except (ConfigError, ValueError, OSError) as exc:
+    except (ConfigError, KeyStoreError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if config.dev:

@@ -335,5 +335,11 @@ class KBSClient:
         """Revoke a node, measurement, tcb, token (jti) or bundle digest; returns the new epoch."""
         return int(self._call("Revoke", kbs_pb2.RevokeRequest(kind=kind, value=value, reason=reason)).epoch)
 
+    def audit_checkpoint(self) -> bytes:
+        """A signed checkpoint of the broker's audit log (owners only). Verify it with the audit public
+        key (``ray_confidential.kbs.audit.parse_checkpoint``) and keep it away from the broker; later
+        ``ray-confidential audit verify LOG --checkpoint FILE`` detects truncation and rewrites up to it."""
+        return bytes(self._call("GetAuditCheckpoint", kbs_pb2.AuditCheckpointRequest()).checkpoint)
+
 
 __all__ = ["BrokerRefusedError", "BrokerUnavailableError", "Challenge", "KBSClient", "Token"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -28,7 +28,7 @@ from ray_confidential.domains import DomainPolicy
 from ray_confidential.kbs.broker import Broker, BrokerSettings, check_production_domain
 from ray_confidential.kbs.domains import DomainRecord
 from ray_confidential.kbs.ratelimit import RateLimiter
-from ray_confidential.kbs.server import KBSServer, TLSFiles
+from ray_confidential.kbs.server import DEFAULT_WORKERS, KBSServer, TLSFiles
 from ray_confidential.kbs.store import KeyStore
 from ray_confidential.kbs.tokens import new_signing_key
 
@@ -42,7 +42,8 @@ DEV_BANNER: Final = (
 )
 TOP_KEYS: Final = frozenset(
     {"env", "listen", "issuer", "audience", "tls", "keys", "store", "audit", "trust", "tokens",
-     "challenges", "rate_limit", "owner_listen", "routing_policy", "domains", "secrets", "admins", "cluster_ids"}
+     "challenges", "rate_limit", "owner_listen", "routing_policy", "domains", "secrets", "admins", "cluster_ids",
+     "grpc"}
 )  # fmt: skip
 
 
@@ -95,6 +96,7 @@ class BrokerConfig:
     audit_path: Path
     group_commit: bool = True
     rate_limit: tuple[float, int] | None = (100.0, 200)
+    max_workers: int = DEFAULT_WORKERS
     domains: tuple[DomainSpec, ...] = ()
     secrets: Mapping[tuple[str, str], bytes] = field(default_factory=dict, repr=False)
     dev: bool = False
@@ -176,13 +178,7 @@ class BrokerConfig:
         )  # fmt: skip
         if not 0 < settings.token_ttl <= 300:
             raise ConfigError("tokens.ttl_s must be 1..300")
-        store = dict(section("store")) or {"backend": "file"}
-        if store.get("backend", "file") == "file":
-            store["path"] = str(path(store.get("path", "kbs-store"), "store.path"))
-        if store.get("backend") == "memory":
-            raise ConfigError(
-                "store.backend: memory is for --dev only; a production broker needs a durable store"
-            )
+        store = _store_spec(section("store"), path)
         audit_s = section("audit")
         domains = tuple(_domain_spec(d) for d in data.get("domains", []))
         for spec in domains:
@@ -197,6 +193,14 @@ class BrokerConfig:
         for s in data.get("secrets", []):
             secrets[(str(s["domain"]), str(s["name"]))] = path(s["file"], "secrets.file").read_bytes()
         rl = section("rate_limit")
+        grpc_s = section("grpc")
+        if set(grpc_s) - {"max_workers"}:
+            raise ConfigError(
+                f"grpc: unknown keys {sorted(set(grpc_s) - {'max_workers'})}; known: ['max_workers']"
+            )
+        workers = grpc_s.get("max_workers", DEFAULT_WORKERS)
+        if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 256:
+            raise ConfigError("grpc.max_workers must be an integer 1..256")
         return cls(
             settings=settings, listen=str(data.get("listen", "0.0.0.0:50051")), tls=tls, trust=trust,
             owner_listen=str(data["owner_listen"]) if data.get("owner_listen") else None,
@@ -204,7 +208,7 @@ class BrokerConfig:
             audit_path=path(audit_s.get("path", "kbs-audit.log"), "audit.path"),
             group_commit=bool(audit_s.get("group_commit", True)),
             rate_limit=None if rl.get("disabled") else (float(rl.get("rate", 100)), int(rl.get("burst", 200))),
-            domains=domains, secrets=secrets,
+            domains=domains, secrets=secrets, max_workers=workers,
         )  # fmt: skip
 
     @classmethod
@@ -235,30 +239,86 @@ def _domain_spec(d: Any) -> DomainSpec:
                       appraisal=d.get("appraisal"), suite=str(d.get("suite", "x25519")))  # fmt: skip
 
 
+STORE_KEYS: Final = {
+    "file": frozenset({"backend", "path", "master_key"}),
+    "vault": frozenset(
+        {"backend", "url", "token_env", "mount", "prefix", "ca_cert", "master_key", "timeout_s"}
+    ),
+}
+
+
+def _store_spec(spec: Mapping[str, Any], path: Callable[[Any, str], Path]) -> dict[str, Any]:
+    """Check the ``store:`` section and resolve its paths (relative to the YAML file)."""
+    store = dict(spec) or {"backend": "file"}
+    backend = store.setdefault("backend", "file")
+    if backend == "memory":
+        raise ConfigError(
+            "store.backend: memory is for --dev only; a production broker needs a durable store"
+        )
+    if backend not in STORE_KEYS:
+        raise ConfigError(f"store.backend must be file or vault, got {backend!r}")
+    unknown = set(store) - STORE_KEYS[backend]
+    if unknown:
+        raise ConfigError(
+            f"store ({backend}): unknown keys {sorted(unknown)}; known: {sorted(STORE_KEYS[backend])}"
+        )
+    mk = store.get("master_key")
+    if mk is not None and isinstance(mk, Mapping) and mk.get("source") == "file" and "path" in mk:
+        store["master_key"] = {**mk, "path": str(path(mk["path"], "store.master_key.path"))}
+    if backend == "file":
+        store["path"] = str(path(store.get("path", "kbs-store"), "store.path"))
+        if mk is None:
+            raise ConfigError("store.master_key is required for the file store (it is never generated here)")
+        return store
+    # Vault: the token comes from the environment only (never from the YAML file, never printed).
+    for name in ("url", "token_env"):
+        if not isinstance(store.get(name), str) or not store[name]:
+            raise ConfigError(f"store.{name} is required for the vault backend (docs/kbs-store.md)")
+    if store.get("ca_cert") is not None:
+        store["ca_cert"] = str(path(store["ca_cert"], "store.ca_cert"))
+    return store
+
+
+def _master_key(mk: Any) -> Any:
+    from ray_confidential.kbs import store as store_mod
+
+    if not isinstance(mk, Mapping) or "source" not in mk:
+        raise ConfigError("store.master_key: {source: file, path: ...} | {source: env, name: ...} | "
+                          "{source: kms, plugin: 'module:callable', params: {...}} is required")  # fmt: skip
+    if mk["source"] == "file":
+        return store_mod.MasterKey.from_file(mk["path"])
+    if mk["source"] == "env":
+        return store_mod.MasterKey.from_env(mk["name"])
+    if mk["source"] == "kms":
+        return store_mod.MasterKey.from_kms(mk["plugin"], **dict(mk.get("params") or {}))
+    raise ConfigError(f"store.master_key.source must be file, env or kms, got {mk['source']!r}")
+
+
 def open_store(spec: Mapping[str, Any]) -> KeyStore:
-    """The key store a configuration names (the master key is supplied, never generated here)."""
+    """The key store a configuration names (the master key is supplied, never generated here).
+
+    ``file``: :class:`~ray_confidential.kbs.store.EncryptedFileStore` under ``master_key``.
+    ``vault``: :class:`~ray_confidential.kbs.store.VaultStore` at ``url`` with the token read from the
+    environment variable ``token_env``; ``master_key`` (optional) adds envelope encryption.
+    """
     from ray_confidential.kbs import store as store_mod
 
     backend = spec.get("backend", "file")
     if backend == "memory":
         return store_mod.MemoryStore()
+    if backend == "vault":
+        token = os.environ.get(str(spec["token_env"]), "")
+        if not token:
+            raise ConfigError(
+                f"store.token_env: environment variable {spec['token_env']!r} is unset or empty"
+            )
+        master = _master_key(spec["master_key"]) if spec.get("master_key") is not None else None
+        return store_mod.VaultStore(str(spec["url"]), token, mount=str(spec.get("mount", "secret")),
+                                    prefix=str(spec.get("prefix", "ray-confidential/")), master_key=master,
+                                    ca_cert=spec.get("ca_cert"), timeout=float(spec.get("timeout_s", 10.0)))  # fmt: skip
     if backend != "file":
-        raise ConfigError(
-            f"store.backend must be file or memory (vault: see docs/kbs-store.md), got {backend!r}"
-        )
-    mk = spec.get("master_key")
-    if not isinstance(mk, Mapping) or "source" not in mk:
-        raise ConfigError("store.master_key: {source: file, path: ...} | {source: env, name: ...} | "
-                          "{source: kms, plugin: 'module:callable', params: {...}} is required")  # fmt: skip
-    if mk["source"] == "file":
-        master = store_mod.MasterKey.from_file(mk["path"])
-    elif mk["source"] == "env":
-        master = store_mod.MasterKey.from_env(mk["name"])
-    elif mk["source"] == "kms":
-        master = store_mod.MasterKey.from_kms(mk["plugin"], **dict(mk.get("params") or {}))
-    else:
-        raise ConfigError(f"store.master_key.source must be file, env or kms, got {mk['source']!r}")
-    return store_mod.EncryptedFileStore(spec["path"], master)
+        raise ConfigError(f"store.backend must be file, vault or memory, got {backend!r}")
+    return store_mod.EncryptedFileStore(spec["path"], _master_key(spec.get("master_key")))
 
 
 def open_audit(config: BrokerConfig) -> Any:
@@ -287,7 +347,7 @@ def build(
         limiter = RateLimiter(rate=config.rate_limit[0], burst=config.rate_limit[1], clock=time.monotonic)
     try:
         server = KBSServer(broker, address=config.listen, tls=config.tls, owner_address=config.owner_listen,
-                           limiter=limiter, secrets=config.secrets,
+                           limiter=limiter, secrets=config.secrets, max_workers=config.max_workers,
                            dev_owner=DEV_OWNER if config.dev else None)  # fmt: skip
     except BaseException:
         broker.close()

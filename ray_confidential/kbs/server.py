@@ -37,6 +37,7 @@ log = logging.getLogger("ray_confidential.kbs")
 
 MAX_MESSAGE: Final = 4 << 20
 LOOPBACK_NAMES: Final = ("localhost",)
+DEFAULT_WORKERS: Final = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,9 @@ class KBSServer:
         limiter: per-client rate limits (None: unlimited).
         secrets: named secrets ``(domain, name) -> bytes`` served by ``Release``.
         dev_owner: identity of certificate-less callers for owner RPCs (development broker only).
-        max_workers: gRPC handler threads.
+        max_workers: gRPC handler threads. Few suffice: handlers hold the GIL except while they wait
+            for the audit fsync (group commit batches those waits); many threads only add GIL
+            hand-offs (docs/kbs.md "Benchmark").
     """
 
     def __init__(
@@ -90,7 +93,7 @@ class KBSServer:
         limiter: RateLimiter | None = None,
         secrets: Mapping[tuple[str, str], bytes] | None = None,
         dev_owner: str | None = None,
-        max_workers: int = 16,
+        max_workers: int = DEFAULT_WORKERS,
     ) -> None:
         host, _ = split_address(address)
         if tls is None and not is_loopback(host):
@@ -166,4 +169,4 @@ class KBSServer:
         signal.signal(signal.SIGINT, handler)
 
 
-__all__ = ["KBSServer", "TLSFiles", "is_loopback", "split_address"]
+__all__ = ["DEFAULT_WORKERS", "KBSServer", "TLSFiles", "is_loopback", "split_address"]

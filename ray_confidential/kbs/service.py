@@ -210,5 +210,11 @@ class KeyBrokerService(kbs_pb2_grpc.KeyBrokerServicer):
 
         return self._run("Revoke", context, fn)
 
+    def GetAuditCheckpoint(
+        self, request: kbs_pb2.AuditCheckpointRequest, context: grpc.ServicerContext
+    ) -> Any:
+        return self._run("GetAuditCheckpoint", context,
+                         lambda o, c: kbs_pb2.AuditCheckpointResponse(checkpoint=self.broker.audit_checkpoint(o)))  # fmt: skip
+
 
 __all__ = ["KeyBrokerService", "client_key", "owner_identity"]

@@ -20,10 +20,13 @@ What it does NOT check: revocation, domain policy or the key a request presents 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Final, Literal
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -123,7 +126,7 @@ class TokenClaims:
         )
 
     def to_jwt_claims(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {name: getattr(self, name) for name in _CLAIM_NAMES}  # flat fields: no asdict() deep copy
         d["cnf"] = {"jkt": d.pop("jkt")}
         d["domains"] = list(self.domains)
         return d
@@ -146,6 +149,9 @@ class TokenClaims:
         except (KeyError, TypeError) as exc:
             raise KeyReleaseDenied(f"token: missing or malformed claim {exc}") from None
         return cls(**fields)
+
+
+_CLAIM_NAMES: Final = tuple(f.name for f in fields(TokenClaims))
 
 
 class TokenIssuer:
@@ -189,15 +195,66 @@ class TokenIssuer:
 class TokenVerifier:
     """Verifies tokens: ES256 signature by a JWKS key, ``iss``, ``aud``, time window, lifetime, env.
 
+    Verified claims are cached (at most ``cache_size``, least recently used first out) under the
+    SHA-256 of the exact token string, so a token whose header, claims or signature differs in any
+    byte is verified afresh. A cached entry lives at most until the token's ``exp``; the time checks
+    (``exp``, ``iat``) run on every call. Revocation is not this class's job: the broker checks it on
+    every request, cached token or not.
+
     Args:
         jwks: the token keys (``GetJWKS``).
         issuer / audience: what ``iss`` / ``aud`` must equal.
         production: refuse ``env=dev`` tokens (a production broker).
+        cache_size: verified tokens kept (0 disables the cache).
     """
 
-    def __init__(self, *, jwks: Mapping[str, Any], issuer: str, audience: str, production: bool) -> None:
+    def __init__(
+        self,
+        *,
+        jwks: Mapping[str, Any],
+        issuer: str,
+        audience: str,
+        production: bool,
+        cache_size: int = 10_000,
+    ) -> None:
         self._keys = KeySet.import_key_set(dict(jwks))  # type: ignore[arg-type]
         self.issuer, self.audience, self.production = issuer, audience, production
+        self._cache: OrderedDict[bytes, TokenClaims] = OrderedDict()
+        self._cache_size = max(0, cache_size)
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def _check_static(self, claims: TokenClaims) -> None:
+        """The checks that do not depend on the time (run before a token is cached)."""
+        if claims.iss != self.issuer:
+            raise KeyReleaseDenied(f"token: iss {claims.iss!r} is not {self.issuer!r}")
+        if claims.aud != self.audience:
+            raise KeyReleaseDenied(f"token: aud {claims.aud!r} is not {self.audience!r}")
+        if not 0 < claims.exp - claims.iat <= MAX_TTL:
+            raise KeyReleaseDenied(f"token: lifetime over {MAX_TTL} s")
+        if claims.env not in ENVS or claims.scope not in SCOPES:
+            raise KeyReleaseDenied("token: unknown env or scope")
+        if self.production and claims.env != "prod":
+            raise KeyReleaseDenied("token: env=dev token presented to a production broker")
+
+    def _remember(self, digest: bytes, claims: TokenClaims) -> None:
+        if not self._cache_size:
+            return
+        with self._lock:
+            self._cache[digest] = claims
+            self._cache.move_to_end(digest)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+
+    def remember(self, token: str, claims: TokenClaims) -> None:
+        """Cache a token this broker has just signed with ``claims`` (so its first use skips the
+        signature check). The static checks still run: a token this verifier would refuse is not kept.
+
+        Raises:
+            KeyReleaseDenied: the claims fail a static check.
+        """
+        self._check_static(claims)
+        self._remember(hashlib.sha256(token.encode()).digest(), claims)
 
     def verify(self, token: str, *, now: int) -> TokenClaims:
         """Return the claims of a valid token.
@@ -207,25 +264,30 @@ class TokenVerifier:
         """
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_SIZE:
             raise KeyReleaseDenied("token: missing or oversized")
-        try:
-            decoded = jwt.decode(token, self._keys, algorithms=["ES256"])
-        except (JoseError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            raise KeyReleaseDenied(f"token: signature or format invalid ({type(exc).__name__})") from None
-        claims = TokenClaims.from_jwt_claims(decoded.claims)
-        if claims.iss != self.issuer:
-            raise KeyReleaseDenied(f"token: iss {claims.iss!r} is not {self.issuer!r}")
-        if claims.aud != self.audience:
-            raise KeyReleaseDenied(f"token: aud {claims.aud!r} is not {self.audience!r}")
+        digest = hashlib.sha256(token.encode()).digest()
+        with self._lock:
+            claims = self._cache.get(digest)
+            if claims is not None:
+                if claims.exp <= now:  # past its lifetime: never served from the cache again
+                    del self._cache[digest]
+                else:
+                    self._cache.move_to_end(digest)
+        if claims is None:
+            self.misses += 1
+            try:
+                decoded = jwt.decode(token, self._keys, algorithms=["ES256"])
+            except (JoseError, ValueError, KeyError, json.JSONDecodeError) as exc:
+                raise KeyReleaseDenied(f"token: signature or format invalid ({type(exc).__name__})") from None
+            claims = TokenClaims.from_jwt_claims(decoded.claims)
+            self._check_static(claims)
+            if claims.exp > now:
+                self._remember(digest, claims)
+        else:
+            self.hits += 1
         if claims.exp <= now:
             raise KeyReleaseDenied("token: expired")
         if claims.iat > now + LEEWAY:
             raise KeyReleaseDenied("token: issued in the future")
-        if not 0 < claims.exp - claims.iat <= MAX_TTL:
-            raise KeyReleaseDenied(f"token: lifetime over {MAX_TTL} s")
-        if claims.env not in ENVS or claims.scope not in SCOPES:
-            raise KeyReleaseDenied("token: unknown env or scope")
-        if self.production and claims.env != "prod":
-            raise KeyReleaseDenied("token: env=dev token presented to a production broker")
         return claims
 
 

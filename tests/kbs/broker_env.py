@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import os
 import shutil
 import tempfile
 import threading
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -25,10 +27,10 @@ from ray_confidential.domains import DomainPolicy
 from ray_confidential.kbs.audit import AuditLog
 from ray_confidential.kbs.broker import Broker, BrokerSettings
 from ray_confidential.kbs.client import KBSClient, Token
-from ray_confidential.kbs.config import public_pem
+from ray_confidential.kbs.config import private_pem, public_pem
 from ray_confidential.kbs.ratelimit import RateLimiter
 from ray_confidential.kbs.server import KBSServer, TLSFiles
-from ray_confidential.kbs.store import MemoryStore
+from ray_confidential.kbs.store import MemoryStore, generate_master_key_file
 from ray_confidential.kbs.tokens import new_signing_key
 from ray_confidential.testing.simulated import DevRootOfTrust, SimulatedTEE, default_measurement
 
@@ -103,6 +105,10 @@ class RecordingAudit:
         result = self.inner.append(event, **fields) if self.inner is not None else None
         with self._lock:
             self.records.append({"event": event, **fields})
+        return result
+
+    def checkpoint(self) -> bytes:
+        result: bytes = self.inner.checkpoint()
         return result
 
     def last(self, event: str | None = None) -> dict[str, Any]:
@@ -198,3 +204,40 @@ class Executor:
 
 def iter_kinds() -> Iterator[str]:
     yield from PROFILE
+
+
+def write_production_config(tmp: Path, pki: PKI, **overrides: Any) -> Path:
+    """A production ``kbs.yaml`` in ``tmp`` (TLS from ``pki``, fresh P-256 keys, encrypted file store
+    under ``master.key``, audit log, vendor roots, one pinned SEV-SNP domain); ``overrides`` replace
+    top-level keys."""
+    files = {
+        "server.pem": pki.server.cert_chain,
+        "server.key": pki.server.private_key,
+        "owners-ca.pem": pki.ca_pem,
+    }
+    for name in ("token.pem", "release.pem", "audit.pem"):
+        files[name] = private_pem(new_signing_key())
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+        os.chmod(tmp / name, 0o600)
+    if not (tmp / "master.key").exists():
+        generate_master_key_file(tmp / "master.key")
+    m = default_measurement("sev-snp").hex()
+    config: dict[str, Any] = {
+        "env": "prod",
+        "listen": "127.0.0.1:0",
+        "owner_listen": "127.0.0.1:0",
+        "issuer": "kbs.hospital.example",
+        "tls": {"cert": "server.pem", "key": "server.key", "client_ca": "owners-ca.pem"},
+        "keys": {"token_key": "token.pem", "release_key": "release.pem", "audit_key": "audit.pem"},
+        "store": {"backend": "file", "path": "store", "master_key": {"source": "file", "path": str(tmp / "master.key")}},
+        "audit": {"path": "audit.log", "group_commit": True},
+        "trust": {"roots": ["amd-ark-milan", "amd-ark-genoa", "intel-sgx-root-ca"]},
+        "rate_limit": {"rate": 50, "burst": 100},
+        "domains": [{"name": "hospital", "owner": "CN=owner-a",
+                     "policy": {"bundles": [BUNDLE.hex()], "measurements": {"sev-snp": [m]}}}],
+    }  # fmt: skip
+    config.update(overrides)
+    path = tmp / "kbs.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

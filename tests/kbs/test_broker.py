@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -139,12 +139,13 @@ def test_expired_nonce_denied(h: Harness, hospital: KBSClient) -> None:
 )
 def test_evidence_binding_something_else_denied(h: Harness, hospital: KBSClient, what: str) -> None:
     ex = Executor.create("sev-snp")
-    other: dict[str, Any] = {
+    others: dict[str, dict[str, Any]] = {
         "key": {"key": hpke.generate_private_key()},
         "nonce": {"challenge": h.client().challenge()},
         "cluster": {"cluster_id": "someone-elses-cluster"},
         "bundle": {"bundle_digest": b"\x66" * 32},
-    }[what]
+    }
+    other = others[what]
     with pytest.raises(BrokerRefusedError) as exc:
         _attest_raw(h, ex, evidence_binding=other)
     _denied(h, exc, "PERMISSION_DENIED", "attest", "binding")
@@ -346,7 +347,7 @@ def test_owner_revocation_is_scoped_to_their_domains(h: Harness, granted: Any) -
 @pytest.mark.parametrize("op", ["create", "update", "rotate", "retire"])
 def test_owner_b_cannot_touch_owner_a_domain(h: Harness, hospital: KBSClient, op: str) -> None:
     b = h.client("owner-b")
-    calls = {
+    calls: dict[str, Callable[[], object]] = {
         "create": lambda: b.create_domain("hospital", pinned_policy("sev-snp")),
         "update": lambda: b.update_policy("hospital", pinned_policy("tdx")),
         "rotate": lambda: b.rotate("hospital"),
@@ -406,7 +407,8 @@ def test_denials_carry_no_detail_on_the_wire(h: Harness, granted: Any, pki: PKI)
     creds = grpc.ssl_channel_credentials(root_certificates=pki.ca_pem)
     with grpc.secure_channel(h.target, creds) as ch:
         with pytest.raises(grpc.RpcError) as exc:
-            kbs_pb2_grpc.KeyBrokerStub(ch).Unwrap(kbs_pb2.UnwrapRequest(
+            stub = kbs_pb2_grpc.KeyBrokerStub(ch)  # type: ignore[no-untyped-call]
+            stub.Unwrap(kbs_pb2.UnwrapRequest(
                 token=token.raw, header=blob, request_nonce=b"\x00" * 32, hpke_suite=thief.suite,
                 executor_public_key=thief.raw), timeout=5)  # fmt: skip
     assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -429,3 +431,24 @@ def test_every_decision_is_in_the_signed_audit_log(h: Harness, granted: Any) -> 
     decisions = [(r["event"], r["decision"]) for r in h.audit.records if "decision" in r]
     assert decisions[-3:] == [("attest", "grant"), ("unwrap", "grant"), ("unwrap", "deny")]
     assert sum('"decision"' in line for line in lines) == len(decisions)
+
+
+# ---- audit checkpoints for owners ------------------------------------------------------------------
+
+
+def test_owner_fetches_a_signed_checkpoint_that_verifies_the_log(h: Harness, granted: Any) -> None:
+    from ray_confidential.kbs.audit import parse_checkpoint, verify_log
+
+    cp = h.client("owner-b").audit_checkpoint()
+    parsed = parse_checkpoint(cp, h.audit_key.public_key())
+    record = h.audit.last("audit_checkpoint")
+    assert record["owner"] == "CN=owner-b" and record["decision"] == "grant"
+    assert (
+        verify_log(h.audit_dir / "audit.log", h.audit_key.public_key(), checkpoint=cp).last_seq == parsed.seq
+    )
+
+
+def test_checkpoint_without_client_certificate_denied(h: Harness) -> None:
+    with pytest.raises(BrokerRefusedError) as exc:
+        h.client().audit_checkpoint()
+    _denied(h, exc, "PERMISSION_DENIED", "audit_checkpoint", "client certificate")

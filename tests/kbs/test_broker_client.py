@@ -78,9 +78,9 @@ class Rogue(kbs_pb2_grpc.KeyBrokerServicer):
 @pytest.fixture
 def rogue(h: Harness, pki: PKI, request: pytest.FixtureRequest) -> Iterator[tuple[Rogue, str]]:
     channel = grpc.secure_channel(h.target, grpc.ssl_channel_credentials(root_certificates=pki.ca_pem))
-    servicer = Rogue(kbs_pb2_grpc.KeyBrokerStub(channel), request.param)
+    servicer = Rogue(kbs_pb2_grpc.KeyBrokerStub(channel), request.param)  # type: ignore[no-untyped-call]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    kbs_pb2_grpc.add_KeyBrokerServicer_to_server(servicer, server)
+    kbs_pb2_grpc.add_KeyBrokerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield servicer, f"127.0.0.1:{port}"
@@ -183,7 +183,10 @@ def test_attested_key_service_opens_caches_and_drops_on_revocation(h: Harness) -
                              epoch_interval=10.0)  # fmt: skip
     blob = _blob(h, {"a": 1})
     assert open_sealed(blob, svc) == {"a": 1}
-    unwraps = lambda: sum(1 for r in h.audit.records if r["event"] == "unwrap")  # noqa: E731
+
+    def unwraps() -> int:
+        return sum(1 for r in h.audit.records if r["event"] == "unwrap")
+
     assert open_sealed(blob, svc) == {"a": 1} and unwraps() == 1  # cached DEK
     h.client("owner-a").revoke("node", "node-1")
     now[0] += 10.0  # the next poll sees the new epoch: cache and token dropped

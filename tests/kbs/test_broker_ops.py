@@ -17,12 +17,12 @@ import yaml
 
 from ray_confidential.kbs import gen_proto
 from ray_confidential.kbs.client import KBSClient
-from ray_confidential.kbs.config import BrokerConfig, ConfigError, build, private_pem, public_pem
+from ray_confidential.kbs.config import BrokerConfig, ConfigError, build, public_pem
 from ray_confidential.kbs.server import KBSServer
-from ray_confidential.kbs.store import generate_master_key_file
-from ray_confidential.kbs.tokens import new_signing_key
-from ray_confidential.testing.simulated import DevRootOfTrust, default_measurement
-from tests.kbs.broker_env import BUNDLE, PKI, Executor, Harness
+from ray_confidential.kbs.store import VaultStore
+from ray_confidential.testing.simulated import DevRootOfTrust
+from tests.kbs.broker_env import BUNDLE, PKI, Executor, Harness, write_production_config
+from tests.kbs.fake_vault import FakeVault
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,40 +53,6 @@ def test_plaintext_refused_off_loopback() -> None:
 # ---- production configuration ----------------------------------------------------------------------
 
 
-def _write_config(tmp: Path, pki: PKI, **overrides: Any) -> Path:
-    files = {
-        "server.pem": pki.server.cert_chain,
-        "server.key": pki.server.private_key,
-        "owners-ca.pem": pki.ca_pem,
-    }
-    for name in ("token.pem", "release.pem", "audit.pem"):
-        files[name] = private_pem(new_signing_key())
-    for name, data in files.items():
-        (tmp / name).write_bytes(data)
-        os.chmod(tmp / name, 0o600)
-    if not (tmp / "master.key").exists():
-        generate_master_key_file(tmp / "master.key")
-    m = default_measurement("sev-snp").hex()
-    config: dict[str, Any] = {
-        "env": "prod",
-        "listen": "127.0.0.1:0",
-        "owner_listen": "127.0.0.1:0",
-        "issuer": "kbs.hospital.example",
-        "tls": {"cert": "server.pem", "key": "server.key", "client_ca": "owners-ca.pem"},
-        "keys": {"token_key": "token.pem", "release_key": "release.pem", "audit_key": "audit.pem"},
-        "store": {"backend": "file", "path": "store", "master_key": {"source": "file", "path": str(tmp / "master.key")}},
-        "audit": {"path": "audit.log", "group_commit": True},
-        "trust": {"roots": ["amd-ark-milan", "amd-ark-genoa", "intel-sgx-root-ca"]},
-        "rate_limit": {"rate": 50, "burst": 100},
-        "domains": [{"name": "hospital", "owner": "CN=owner-a",
-                     "policy": {"bundles": [BUNDLE.hex()], "measurements": {"sev-snp": [m]}}}],
-    }  # fmt: skip
-    config.update(overrides)
-    path = tmp / "kbs.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 @pytest.mark.parametrize(
     "override, match",
     [
@@ -111,7 +77,7 @@ def test_unsafe_production_config_refuses_to_start(
         pytest.warns(UserWarning) if "routing_policy" in override else _nothing(),
         pytest.raises(ConfigError, match=match),
     ):
-        BrokerConfig.from_yaml(_write_config(tmp_path, pki, **override))
+        BrokerConfig.from_yaml(write_production_config(tmp_path, pki, **override))
 
 
 class _nothing:
@@ -123,7 +89,7 @@ class _nothing:
 
 
 def test_cli_refuses_unsafe_config(tmp_path: Path) -> None:
-    path = _write_config(tmp_path, PKI.create(owners=()), trust={"roots": ["cd" * 32]})
+    path = write_production_config(tmp_path, PKI.create(owners=()), trust={"roots": ["cd" * 32]})
     proc = subprocess.run([sys.executable, "-m", "ray_confidential.kbs.cli", "kbs", "serve", "--config", str(path)],
                           capture_output=True, text=True, timeout=60, cwd=REPO)  # fmt: skip
     assert proc.returncode == 2 and "vendor allow-list" in proc.stderr
@@ -134,7 +100,7 @@ def test_production_config_serves_and_keys_survive_restart(tmp_path: Path) -> No
     from ray_confidential.sealed.format import DomainPublicKey, SealedHeader, seal
 
     pki = PKI.create()
-    config = BrokerConfig.from_yaml(_write_config(tmp_path, pki))
+    config = BrokerConfig.from_yaml(write_production_config(tmp_path, pki))
     pem = public_pem(config.release_key)
 
     def owner_client(server: KBSServer) -> KBSClient:
@@ -233,3 +199,107 @@ def test_dev_server_refuses_non_loopback(tmp_path: Path) -> None:
     proc = _serve_dev(tmp_path, "--host", "0.0.0.0")
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "127.0.0.1" in err
+
+
+# ---- Vault store selected by the configuration ------------------------------------------------------
+
+
+def _vault_config(tmp: Path, pki: PKI, fake: FakeVault, **store: Any) -> Path:
+    spec = {"backend": "vault", "url": fake.url, "token_env": "TEST_KBS_VAULT_TOKEN", "prefix": "kbs-test/",
+            "master_key": {"source": "file", "path": "master.key"}, **store}  # fmt: skip
+    return write_production_config(tmp, pki, store=spec)
+
+
+def test_config_selects_vault_store_and_keys_survive_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeVault()
+    monkeypatch.setenv("TEST_KBS_VAULT_TOKEN", fake.token)
+    try:
+        pki = PKI.create()
+        config = BrokerConfig.from_yaml(_vault_config(tmp_path, pki, fake))
+        pem = public_pem(config.release_key)
+        cert, key = pki.owners["owner-a"]
+        server, broker = build(config)
+        assert isinstance(broker._store, VaultStore)
+        server.start()
+        try:
+            with KBSClient(f"127.0.0.1:{server.owner_port}", release_public_key=pem, ca_cert=pki.ca_pem,
+                           client_cert=cert, client_key=key, retries=0) as owner:  # fmt: skip
+                d1 = owner.rotate("hospital")
+            d = broker.domains.get("hospital")
+            assert d is not None
+            secret_hex = d.versions[-1].private_key.hex()
+        finally:
+            server.stop(0)
+            broker.close()
+        entries = [p for p in fake.versions if p.startswith("kbs-test/entries/domains/")]
+        assert entries, sorted(fake.versions)
+        assert secret_hex not in json.dumps(fake.versions)  # envelope-encrypted under the master key
+        server, broker = build(config)  # restart on the same Vault
+        server.start()
+        try:
+            with KBSClient(f"127.0.0.1:{server.owner_port}", release_public_key=pem, ca_cert=pki.ca_pem,
+                           client_cert=cert, client_key=key, retries=0) as owner:  # fmt: skip
+                d2 = owner.descriptor("hospital")
+            assert (d2.version, d2.public_key) == (2, d1.public_key)
+        finally:
+            server.stop(0)
+            broker.close()
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize(
+    "store, env, match",
+    [
+        ({"url": None}, True, "store.url is required"),
+        ({"token_env": None}, True, "store.token_env is required"),
+        ({"token": "s.inline"}, True, "unknown keys"),
+        ({}, False, "TEST_KBS_VAULT_TOKEN.*unset"),
+    ],
+)
+def test_vault_store_config_refusals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: dict[str, Any], env: bool, match: str
+) -> None:
+    fake = FakeVault()
+    try:
+        if env:
+            monkeypatch.setenv("TEST_KBS_VAULT_TOKEN", fake.token)
+        else:
+            monkeypatch.delenv("TEST_KBS_VAULT_TOKEN", raising=False)
+        path = _vault_config(tmp_path, PKI.create(owners=()), fake, **store)
+        if any(v is None for v in store.values()):
+            data = yaml.safe_load(path.read_text())
+            data["store"] = {k: v for k, v in data["store"].items() if v is not None}
+            path.write_text(yaml.safe_dump(data))
+        with pytest.raises(ConfigError, match=match):
+            build(BrokerConfig.from_yaml(path))
+        assert not fake.versions  # nothing was written
+    finally:
+        fake.close()
+
+
+def test_cli_serve_config_with_vault_store(tmp_path: Path) -> None:
+    fake = FakeVault()
+    try:
+        path = _vault_config(tmp_path, PKI.create(), fake)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ray_confidential.kbs.cli", "kbs", "serve", "--config", str(path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+            env={**os.environ, "TEST_KBS_VAULT_TOKEN": fake.token},
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            assert "key broker listening" in proc.stdout.readline()
+            # The configured domain was created at start, in Vault.
+            assert any(p.startswith("kbs-test/entries/domains/") for p in fake.versions)
+            proc.send_signal(signal.SIGTERM)
+            _out, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        fake.close()

@@ -101,7 +101,7 @@ def _parse_certificate_item(data: bytes) -> tuple[x509.Certificate, ...]:
         for cert in certs:  # cryptography parses lazily: force every field we read, once, here
             _ = (cert.subject, cert.issuer, cert.extensions, cert.serial_number)
             _ = (cert.not_valid_before_utc, cert.not_valid_after_utc)
-    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as e:
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType, x509.InvalidVersion) as e:
         raise EvidenceFormatError(f"unparseable certificate: {e}") from e
     if len(certs) > _MAX_CERTS:
         raise EvidenceFormatError("too many certificates")
@@ -445,10 +445,45 @@ def _pck_certs(quote: Quote, certs: Sequence[bytes]) -> tuple[x509.Certificate, 
     return leaves[0], [c for c in extra if c is not leaves[0]]
 
 
+class _SeenCache:
+    """Small LRU set of exact inputs whose signature verified (a pure function of those bytes)."""
+
+    def __init__(self, maxsize: int = 256) -> None:
+        self._data: OrderedDict[tuple[bytes, ...], None] = OrderedDict()
+        self._lock = threading.Lock()
+        self._maxsize = maxsize
+        self.hits = 0
+        self.misses = 0
+
+    def seen(self, key: tuple[bytes, ...]) -> bool:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                self.hits += 1
+                return True
+            self.misses += 1
+            return False
+
+    def add(self, key: tuple[bytes, ...]) -> None:
+        with self._lock:
+            self._data[key] = None
+            while len(self._data) > self._maxsize:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self.hits = self.misses = 0
+
+
+_QE_REPORT_CACHE = _SeenCache()
+
+
 def clear_caches() -> None:
-    """Drop every cached chain and collateral result (tests, or after a trust change)."""
+    """Drop every cached chain, collateral and QE report result (tests, or after a trust change)."""
     _CHAIN_CACHE.clear()
     _COLLATERAL_CACHE.clear()
+    _QE_REPORT_CACHE.clear()
 
 
 def cache_stats() -> dict[str, tuple[int, int]]:
@@ -456,6 +491,7 @@ def cache_stats() -> dict[str, tuple[int, int]]:
     return {
         "chain": (_CHAIN_CACHE.hits, _CHAIN_CACHE.misses),
         "collateral": (_COLLATERAL_CACHE.hits, _COLLATERAL_CACHE.misses),
+        "qe_report": (_QE_REPORT_CACHE.hits, _QE_REPORT_CACHE.misses),
     }
 
 
@@ -485,8 +521,14 @@ def verify_quote(
     if _is_ca(leaf):
         raise AttestationError("PCK leaf is a CA certificate")
     pck = pck_extension(leaf)
-    # (3) QE report signed by the PCK key
-    _ecdsa_verify(_public_key(leaf), sig.qe.qe_report_signature, sig.qe.qe_report.to_bytes(), "QE report")
+    # (3) QE report signed by the PCK key. The QE report (it binds the attestation key, not the
+    # workload) repeats in every quote of a platform: a signature that verified is remembered under
+    # the exact (PCK leaf, report, signature) bytes, so a different leaf or any changed byte verifies afresh.
+    qe_report = sig.qe.qe_report.to_bytes()
+    qe_key = (_digest(leaf), qe_report, sig.qe.qe_report_signature)
+    if not _QE_REPORT_CACHE.seen(qe_key):
+        _ecdsa_verify(_public_key(leaf), sig.qe.qe_report_signature, qe_report, "QE report")
+        _QE_REPORT_CACHE.add(qe_key)
     if sig.qe.qe_report.debug:
         raise AttestationError("the quoting enclave runs in debug mode")
     # (4) QE report binds the attestation key

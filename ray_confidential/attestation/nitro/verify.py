@@ -72,6 +72,7 @@ def _load_der(der: bytes, what: str) -> x509.Certificate:
         UnsupportedAlgorithm,
         x509.DuplicateExtension,
         x509.UnsupportedGeneralNameType,
+        x509.InvalidVersion,
     ) as exc:
         raise EvidenceFormatError(f"nitro: {what} is not a DER certificate") from exc
 

@@ -99,6 +99,11 @@ class KeyBrokerStub:
                 request_serializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.RevokeRequest.SerializeToString,
                 response_deserializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.RevokeResponse.FromString,
                 _registered_method=True)
+        self.GetAuditCheckpoint = channel.unary_unary(
+                '/ray_confidential.kbs.v1.KeyBroker/GetAuditCheckpoint',
+                request_serializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.AuditCheckpointRequest.SerializeToString,
+                response_deserializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.AuditCheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class KeyBrokerServicer:
@@ -179,6 +184,14 @@ class KeyBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAuditCheckpoint(self, request, context):
+        """Any owner: a signed checkpoint of the audit log's durable head (docs/audit-log.md), to keep
+        where the broker's operator cannot reach it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -241,6 +254,11 @@ def add_KeyBrokerServicer_to_server(servicer, server):
                     servicer.Revoke,
                     request_deserializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.RevokeRequest.FromString,
                     response_serializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.RevokeResponse.SerializeToString,
+            ),
+            'GetAuditCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAuditCheckpoint,
+                    request_deserializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.AuditCheckpointRequest.FromString,
+                    response_serializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.AuditCheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -567,6 +585,33 @@ class KeyBroker:
             '/ray_confidential.kbs.v1.KeyBroker/Revoke',
             ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.RevokeRequest.SerializeToString,
             ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.RevokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAuditCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ray_confidential.kbs.v1.KeyBroker/GetAuditCheckpoint',
+            ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.AuditCheckpointRequest.SerializeToString,
+            ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.AuditCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
