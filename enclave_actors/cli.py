@@ -1,12 +1,16 @@
 """``ray-confidential executor``: run the enclave executor daemon of this node.
 
     ray-confidential executor --socket /run/ray-confidential/executor.sock --tee sev-snp \\
-        --node-id HEX --cluster-id ID --simulated-launch-data FILE --dev-key-state DIR
+        --node-id HEX --launch-data /run/ray-confidential/launch-data.json
+    ray-confidential executor ... --kbs kbs.example:8443 --release-key release.pem --ca-cert kbs-ca.pem \\
+        --cluster-id prod-1
 
-The node image starts it (not Ray); in tests ``ray_confidential.testing.add_tee_node`` does.
-Until the key broker client is wired, the only releaser is the DEVELOPMENT
-``UnsafeLocalKeyReleaser`` (``--dev-key-state``). Wire into ``ray_confidential.cli`` with
-:func:`add_parser`; ``python -m enclave_actors.cli executor ...`` works on its own.
+The node image starts it (not Ray); in development ``rc.init`` and ``testing.add_tee_node`` do, with
+launch data from the embedded development broker (``ray_confidential.kbs.embedded``). Keys come only
+from the key broker over gRPC (:class:`~enclave_actors.keys.KBSKeyReleaser`), whose address, release
+key and CA come from these flags or the 0600 launch-data file, never from Ray. Wire into
+``ray_confidential.cli`` with :func:`add_parser`; ``python -m enclave_actors.cli executor ...`` works
+on its own.
 """
 
 from __future__ import annotations
@@ -30,22 +34,25 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--socket-mode", default="660", help="octal mode of the shim socket (default 660)")
     p.add_argument("--tee", required=True, choices=("sev-snp", "tdx", "sgx", "nitro"))
     p.add_argument("--node-id", required=True, help="hex Ray node id of this node")
-    p.add_argument("--cluster-id", default="dev", help="cluster identity bound into evidence")
+    p.add_argument(
+        "--cluster-id", help="cluster identity bound into evidence (default: launch data, else dev)"
+    )
     p.add_argument("--pool", default="")
     p.add_argument("--region", default="")
     p.add_argument("--device-socket", help="simulated attestation device socket (default: SOCKET.device)")
+    p.add_argument("--launch-data", type=Path,
+                   help="0600 JSON file: broker target, pinned release key, CA, cluster id, simulated roots")  # fmt: skip
+    p.add_argument("--kbs", metavar="HOST:PORT", help="the key broker (instead of --launch-data)")
+    p.add_argument("--release-key", type=Path, metavar="PEM", help="the broker's release public key (pinned)")
+    p.add_argument("--ca-cert", type=Path, metavar="PEM",
+                   help="CA of the broker's TLS certificate (omit only for a loopback development broker)")  # fmt: skip
     p.add_argument(
         "--simulated-launch-data",
         type=Path,
-        help="DEVELOPMENT: file holding DevRootOfTrust launch data; enables the simulated device",
+        help="DEVELOPMENT: DevRootOfTrust launch data (with --kbs); enables the simulated device",
     )
     p.add_argument("--untrusted-device", action="store_true",
                    help="TESTS: sign evidence under a root nobody trusts (a node that lies about being a TEE)")  # fmt: skip
-    p.add_argument(
-        "--dev-key-state", type=Path, help="DEVELOPMENT: DevKeyService state dir (UnsafeLocalKeyReleaser)"
-    )
-    p.add_argument("--audit-log", type=Path, help="JSON-lines audit log of grants and denials")
-    p.add_argument("--token-lifetime", type=float, default=300.0)
     p.add_argument("--poll-interval", type=float, default=5.0, help="revocation poll interval (<= 10 s)")
     p.add_argument("--broker-wait", type=float, default=15.0, help="seconds before failing closed")
     p.add_argument("--call-timeout", type=float, default=300.0)
@@ -55,43 +62,64 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _launch_data(args: argparse.Namespace) -> Any:
+    """The broker connection from ``--launch-data`` or ``--kbs``/``--release-key``/``--ca-cert``."""
+    from enclave_actors.keys import LaunchData
+
+    if args.launch_data is not None:
+        if args.kbs or args.release_key:
+            raise ValueError("pass either --launch-data or --kbs/--release-key/--ca-cert, not both")
+        data = LaunchData.from_file(args.launch_data)
+        if args.cluster_id and args.cluster_id != data.cluster_id:
+            raise ValueError("--cluster-id differs from the launch data's cluster id")
+        return data
+    if not args.kbs or args.release_key is None:
+        raise ValueError("no key broker configured: pass --launch-data FILE, or --kbs HOST:PORT with "
+                         "--release-key PEM (and --ca-cert PEM unless the broker is on 127.0.0.1)")  # fmt: skip
+    roots = args.simulated_launch_data.read_bytes() if args.simulated_launch_data else None
+    return LaunchData(target=args.kbs, release_public_key=args.release_key.read_bytes(),
+                      ca_cert=args.ca_cert.read_bytes() if args.ca_cert else None,
+                      cluster_id=args.cluster_id or "dev", dev_roots=roots)  # fmt: skip
+
+
 def run_executor(args: argparse.Namespace) -> int:
     from enclave_actors.daemon import Executor, ExecutorServer, Limits
     from enclave_actors.device import SimulatedDevice, request_evidence
     from enclave_actors.harden import die_with_parent, harden
-    from enclave_actors.keys import NodeFacts, UnsafeLocalKeyReleaser
+    from enclave_actors.keys import KBSKeyReleaser, NodeFacts
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s executor %(levelname)s %(message)s")
     if args.die_with_parent:
         die_with_parent(signal.SIGTERM)
     harden()
+    try:
+        launch = _launch_data(args)
+    except (OSError, ValueError) as exc:
+        print(f"executor: {exc}", file=sys.stderr)
+        return 2
     facts = NodeFacts(
-        tee=args.tee, node_id=args.node_id, cluster_id=args.cluster_id, pool=args.pool, region=args.region
+        tee=args.tee, node_id=args.node_id, cluster_id=launch.cluster_id, pool=args.pool, region=args.region
     )
     device_path = args.device_socket or args.socket + ".device"
-    device = None
-    if args.simulated_launch_data is None:
+    if launch.dev_roots is None:
         print("executor: no attestation device configured (hardware collectors: see docs/executor.md)",
               file=sys.stderr)  # fmt: skip
         return 2
     from ray_confidential.testing.simulated import DevRootOfTrust, SimulatedTEE
 
-    data = args.simulated_launch_data.read_bytes()
-    roots = DevRootOfTrust.from_launch_data(data)
+    roots = DevRootOfTrust.from_launch_data(launch.dev_roots)
     tee = SimulatedTEE(args.tee, root=f"untrusted-{args.node_id}" if args.untrusted_device else roots)
     device = SimulatedDevice(device_path, tee)
     device.start()
-    if args.dev_key_state is None:
-        print("executor: no key broker configured; pass --dev-key-state for development", file=sys.stderr)
+    try:
+        releaser = KBSKeyReleaser(
+            lambda: launch.connect(timeout=min(5.0, max(0.5, args.broker_wait))),
+            facts=facts,
+            evidence=lambda binding: request_evidence(device_path, binding),
+        )
+    except ValueError as exc:
+        print(f"executor: {exc}", file=sys.stderr)
         return 2
-    releaser = UnsafeLocalKeyReleaser(
-        args.dev_key_state,
-        facts=facts,
-        evidence=lambda binding: request_evidence(device_path, binding),
-        trust=roots.trust_config([args.tee]),
-        token_lifetime=args.token_lifetime,
-        audit_path=args.audit_log,
-    )
     executor = Executor(
         releaser,
         facts,

@@ -12,17 +12,22 @@ A call (``op = "call"``), step by step as in :meth:`Executor.call`:
 1. Bundle: the cached bundle for the claimed digest, else the source the shim sent, whose digest
    the executor computes itself and compares with the claim (``need_bundle`` when neither).
 2. Inputs: sealed bytes as frames or sealed memfds; headers parsed (bounds-checked).
-3. Policy: every domain of the call (inputs and output) must approve the bundle digest; an output
-   recipient other than the domain must be listed in the output domain's policy.
-4. Token: one per bundle digest, cached, renewed ``renew_margin`` seconds before expiry.
+3. Policy: every domain of the call (inputs and output) must approve the bundle digest (the broker
+   checks it before it issues a token); an output recipient other than the domain must be listed in
+   the output domain's policy (visible only to releasers that see policies: else refused).
+4. Token: one per (bundle digest, domains), cached, renewed ``renew_margin`` seconds before expiry.
 5. Data keys: unwrapped through the releaser, cached per object for at most the token lifetime.
 6. Run: the worker for (domains, bundle) opens inputs, runs the entry point, seals the result.
 7. Reply: sealed bytes, or ``task_error`` with the sealed detail (never the detail itself).
 
 Lifecycle: a poller reads the revocation epoch every ``poll_interval`` (<= 10 s); a new epoch drops
-every cached key and token and stops every worker. When the broker stays unreachable for
+every cached key and token and stops every worker and actor. When the broker stays unreachable for
 ``broker_wait`` seconds the executor fails closed (drops keys, stops workers, refuses calls with a
 clear error) until it answers again. A crashing or hanging bundle kills only its worker.
+
+Enclave actors (``actor_create`` / ``actor_call``): each actor instance gets its own worker
+subprocess, created on one shim connection and stopped when that connection closes (the Ray actor
+died), when a call crashes or times out, or when keys are dropped (revocation): its state is lost.
 
 What it does NOT do: decide routing (placement is the scheduler's job), or trust anything a shim
 sends: every field of a request is untrusted input.
@@ -33,11 +38,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -76,6 +83,7 @@ class Limits:
     memory_limit_bytes: int = 0
     """RLIMIT_AS of each worker subprocess (0 = no limit)."""
     max_workers: int = 16
+    max_actors: int = 64
 
 
 class _Worker:
@@ -119,8 +127,22 @@ class _Worker:
             self.proc.wait()
 
 
+@dataclass(slots=True)
+class _Actor:
+    """An enclave actor instance: its own worker subprocess, bundle and fixed domain set."""
+
+    actor_id: str
+    worker: _Worker
+    bundle: Bundle
+    domains: tuple[str, ...]
+    out: dict[str, Any]
+
+
+_METHOD_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
+
+
 class Executor:
-    """Executor state: the key, tokens, data keys, bundles and workers (the daemon's core).
+    """Executor state: the key, tokens, data keys, bundles, workers and actors (the daemon's core).
 
     Args:
         releaser: the broker interface.
@@ -150,30 +172,31 @@ class Executor:
         self.broker_wait = broker_wait
         self.key = executor_key or hpke.generate_private_key()
         self._lock = threading.Lock()
-        self._grants: dict[bytes, Grant] = {}
+        self._grants: dict[tuple[bytes, tuple[str, ...]], Grant] = {}
         self._deks: dict[tuple[bytes, bytes], tuple[bytearray, float]] = {}
         self._bundles: dict[bytes, Bundle] = {}
         self._workers: dict[tuple[tuple[str, ...], bytes], _Worker] = {}
+        self._actors: dict[str, _Actor] = {}
         self._epoch: int | None = None
         self._last_broker_ok = clock()
         self.unavailable: str | None = None
-        self.stats = {"unwraps": 0, "grants": 0, "workers_started": 0}
+        self.stats = {"unwraps": 0, "grants": 0, "workers_started": 0, "actors_started": 0}
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def drop_keys(self, reason: str) -> None:
-        """Forget every data key and token and stop every worker (revocation, fail-closed, exit)."""
+        """Forget every data key and token and stop every worker and actor (revocation, fail-closed, exit)."""
         with self._lock:
             deks, self._deks = self._deks, {}
             self._grants.clear()
             workers, self._workers = self._workers, {}
+            actors, self._actors = self._actors, {}
         for dek, _ in deks.values():
             dek[:] = bytes(len(dek))
-        for worker in workers.values():
+        for worker in [*workers.values(), *(a.worker for a in actors.values())]:
             worker.stop()
-        if deks or workers:
-            logger.warning(
-                "executor: dropped %d data keys and %d workers (%s)", len(deks), len(workers), reason
-            )
+        if deks or workers or actors:
+            logger.warning("executor: dropped %d data keys, %d workers and %d actors (%s)", len(deks),
+                           len(workers), len(actors), reason)  # fmt: skip
 
     def poll_revocation(self) -> None:
         """One poll of the revocation epoch (the poller thread calls this every interval)."""
@@ -192,7 +215,9 @@ class Executor:
 
     def worker_pids(self) -> dict[str, int]:
         with self._lock:
-            return {f"{','.join(k[0])}|{k[1].hex()}": w.pid for k, w in self._workers.items()}
+            pids = {f"{','.join(k[0])}|{k[1].hex()}": w.pid for k, w in self._workers.items()}
+            pids.update({f"actor:{a.actor_id}": a.worker.pid for a in self._actors.values()})
+        return pids
 
     # -- broker access with a bounded wait ----------------------------------------------------------
     def _with_broker(self, fn: Callable[[], Any]) -> Any:
@@ -212,16 +237,19 @@ class Executor:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def _grant(self, digest: bytes) -> Grant:
+    def _grant(self, digest: bytes, domains: tuple[str, ...]) -> Grant:
+        key = (digest, domains)
         with self._lock:
-            grant = self._grants.get(digest)
+            grant = self._grants.get(key)
         if grant is not None and grant.expires_at - self.renew_margin > self.clock():
             return grant
         fresh: Grant = self._with_broker(
-            lambda: self.releaser.grant(bundle_digest=digest, executor_key=self.key, now=self.clock())
+            lambda: self.releaser.grant(
+                bundle_digest=digest, domains=domains, executor_key=self.key, now=self.clock()
+            )
         )
         with self._lock:
-            self._grants[digest] = fresh
+            self._grants[key] = fresh
         self.stats["grants"] += 1
         return fresh
 
@@ -238,13 +266,9 @@ class Executor:
         self.stats["unwraps"] += 1
         return bytes(dek)
 
-    # -- the call ------------------------------------------------------------------------------------
-    def call(self, msg: protocol.Message) -> tuple[dict[str, Any], list[Any], list[int]]:
-        """Serve one ``call`` request; returns the reply (header, frames, fds). See the module docstring."""
-        if self.unavailable is not None:
-            raise CallRefused("unavailable", self.unavailable)
-        h = msg.header
-        # (1) Bundle: what we hashed ourselves, never what the shim claims.
+    # -- shared steps of calls and actors ------------------------------------------------------------
+    def _bundle(self, h: dict[str, Any], frames: list[Any]) -> tuple[Bundle | None, list[Any]]:
+        """(1) The bundle we hashed ourselves, never what the shim claims; None: ask for the source."""
         try:
             claimed = bytes.fromhex(str(h["bundle_digest"]))
         except (KeyError, ValueError):
@@ -253,37 +277,49 @@ class Executor:
         bundle = self._bundles.get(claimed)
         if bundle is None:
             if not n_src:
-                return {"status": "need_bundle"}, [], []
+                return None, frames
             try:
-                bundle = Bundle.from_wire(h["bundle"], msg.frames[:n_src])
+                bundle = Bundle.from_wire(h["bundle"], frames[:n_src])
             except (KeyError, ValueError, TypeError) as exc:
                 raise CallRefused("bad_request", f"malformed bundle: {exc}") from None
             if bundle.digest != claimed:
                 raise CallRefused("bad_request", "bundle source does not match its digest")
             with self._lock:
                 self._bundles[bundle.digest] = bundle
-        digest = bundle.digest
-        frames = msg.frames[n_src:]
-        # (2) Inputs.
+        return bundle, frames[n_src:]
+
+    @staticmethod
+    def _inputs(
+        h: dict[str, Any], frames: list[Any], fds: list[int]
+    ) -> list[tuple[SealedHeader, Any, str, int]]:
+        """(2) Sealed inputs: (parsed header, bytes, "frame" | "fd", descriptor or -1), bounds-checked."""
         specs = h.get("inputs", [])
         if not isinstance(specs, list) or len(specs) > MAX_INPUTS:
             raise CallRefused("bad_request", f"at most {MAX_INPUTS} sealed inputs per call")
-        views: list[Any] = []
-        headers: list[SealedHeader] = []
+        out = []
         for spec in specs:
             try:
-                src, index = spec["src"], int(spec["index"])
-                view = protocol.map_sealed_memfd(msg.fds[index]) if src == "fd" else frames[index]
-                headers.append(SealedHeader.parse(view))
+                src, index = str(spec["src"]), int(spec["index"])
+                if src == "fd":
+                    fd = fds[index]
+                    view: Any = protocol.map_sealed_memfd(fd)
+                elif src == "frame":
+                    fd, view = -1, frames[index]
+                else:
+                    raise ValueError(src)
+                out.append((SealedHeader.parse(view), view, src, fd))
             except (KeyError, IndexError, ValueError, TypeError, protocol.ProtocolError, DecryptionError):
                 raise CallRefused("bad_request", "malformed sealed input") from None
-            views.append(view)
         params = h.get("params", {})
-        if len(json.dumps(params)) > MAX_PARAMS_BYTES:
+        if not isinstance(params, dict) or len(json.dumps(params)) > MAX_PARAMS_BYTES:
             raise CallRefused("bad_request", f"plain parameters are limited to {MAX_PARAMS_BYTES} bytes")
-        out_domain = str(h.get("domain", ""))
-        domains = tuple(sorted({out_domain, *(x.domain for x in headers)}))
-        # (3) Policy: every domain of the call approves this bundle.
+        return out
+
+    def _approve(
+        self, digest: bytes, domains: tuple[str, ...], out_domain: str, recipient: Any
+    ) -> tuple[dict[str, DomainInfo], dict[str, Any]]:
+        """(3) Every domain of the call approves this bundle (where the policy is visible here; the
+        broker checks it again before it issues a token); the output key."""
         infos: dict[str, DomainInfo] = {}
         for name in domains:
             info: DomainInfo = self._with_broker(partial(self.releaser.domain, name))
@@ -291,52 +327,146 @@ class Executor:
                 self._audit_denial(digest, name, "bundle not approved")
                 raise CallRefused("denied", f"code bundle {digest.hex()} is not approved by domain {name!r}")
             infos[name] = info
-        out = self._output_key(infos[out_domain], h.get("recipient"))
-        # (4) Token and (5) data keys.
-        grant = self._grant(digest)
-        deks = [self._dek(grant, x) for x in headers]
-        # (6) Run in the worker dedicated to (domains, bundle).
-        timeout = min(float(h.get("timeout_s") or self.limits.call_timeout), self.limits.call_timeout)
-        inputs: list[dict[str, Any]] = []
+        return infos, self._output_key(infos[out_domain], recipient)
+
+    def _request(
+        self, op: str, inputs: list[tuple[SealedHeader, Any, str, int]], infos: dict[str, DomainInfo],
+        params: dict[str, Any], out: dict[str, Any], digest: bytes, domains: tuple[str, ...],
+    ) -> tuple[dict[str, Any], list[Any], list[int]]:  # fmt: skip
+        specs: list[dict[str, Any]] = []
         inline: list[Any] = []
         fds: list[int] = []
-        for x, view, spec in zip(headers, views, specs, strict=True):
-            if spec["src"] == "fd":
-                inputs.append(
-                    {"src": "fd", "index": len(fds), "allow_pickle": infos[x.domain].descriptor.allow_pickle}
-                )
-                fds.append(msg.fds[int(spec["index"])])
+        for header, view, src, fd in inputs:
+            pickle_ok = infos[header.domain].descriptor.allow_pickle
+            if src == "fd":
+                specs.append({"src": "fd", "index": len(fds), "allow_pickle": pickle_ok})
+                fds.append(fd)
             else:
-                inputs.append(
-                    {
-                        "src": "frame",
-                        "index": len(inline),
-                        "allow_pickle": infos[x.domain].descriptor.allow_pickle,
-                    }
-                )
+                specs.append({"src": "frame", "index": len(inline), "allow_pickle": pickle_ok})
                 inline.append(view)
         request = {
-            "op": "call",
-            "inputs": inputs,
+            "op": op,
+            "inputs": specs,
             "args": params.get("args", []),
             "kwargs": params.get("kwargs", []),
             "kwarg_names": params.get("kwarg_names", []),
             "out": out,
-            "ctx": {
-                "node_id": self.facts.node_id,
-                "tee": self.facts.tee,
-                "pool": self.facts.pool,
-                "region": self.facts.region,
-                "bundle_digest": digest.hex(),
-                "domains": list(domains),
-            },
-        }
-        return self._run(domains, bundle, request, [*deks, *inline], fds, timeout)
+            "ctx": {"node_id": self.facts.node_id, "tee": self.facts.tee, "pool": self.facts.pool,
+                    "region": self.facts.region, "bundle_digest": digest.hex(), "domains": list(domains)},
+        }  # fmt: skip
+        return request, inline, fds
+
+    # -- the call ------------------------------------------------------------------------------------
+    def call(self, msg: protocol.Message) -> tuple[dict[str, Any], list[Any], list[int]]:
+        """Serve one ``call`` request; returns the reply (header, frames, fds). See the module docstring."""
+        if self.unavailable is not None:
+            raise CallRefused("unavailable", self.unavailable)
+        h = msg.header
+        bundle, frames = self._bundle(h, msg.frames)  # (1)
+        if bundle is None:
+            return {"status": "need_bundle"}, [], []
+        digest = bundle.digest
+        inputs = self._inputs(h, frames, msg.fds)  # (2)
+        out_domain = str(h.get("domain", ""))
+        domains = tuple(sorted({out_domain, *(x[0].domain for x in inputs)}))
+        infos, out = self._approve(digest, domains, out_domain, h.get("recipient"))  # (3)
+        grant = self._grant(digest, domains)  # (4) token and (5) data keys
+        deks = [self._dek(grant, x[0]) for x in inputs]
+        # (6) Run in the worker dedicated to (domains, bundle).
+        timeout = self._timeout(h)
+        request, inline, fds = self._request("call", inputs, infos, h.get("params", {}), out, digest, domains)
+        worker = self._worker(domains, bundle)
+        return self._run(worker, request, [*deks, *inline], fds, timeout,
+                         lambda: self._discard(domains, bundle, worker))  # fmt: skip
+
+    def _timeout(self, h: dict[str, Any]) -> float:
+        try:
+            asked = float(h.get("timeout_s") or self.limits.call_timeout)
+        except (TypeError, ValueError):
+            raise CallRefused("bad_request", "timeout_s must be a number") from None
+        return max(0.001, min(asked, self.limits.call_timeout))
+
+    # -- enclave actors --------------------------------------------------------------------------------
+    def actor_create(
+        self, msg: protocol.Message, owned: set[str]
+    ) -> tuple[dict[str, Any], list[Any], list[int]]:
+        """Start an actor: a worker subprocess dedicated to this instance, constructed from sealed
+        inputs and plain parameters. Its domains (the output domain and the constructor inputs') are
+        fixed; method calls may bring inputs of those domains only. It lives until its shim's
+        connection closes (the Ray actor died), :meth:`stop_actor`, or keys are dropped."""
+        if self.unavailable is not None:
+            raise CallRefused("unavailable", self.unavailable)
+        h = msg.header
+        bundle, frames = self._bundle(h, msg.frames)
+        if bundle is None:
+            return {"status": "need_bundle"}, [], []
+        digest = bundle.digest
+        inputs = self._inputs(h, frames, msg.fds)
+        out_domain = str(h.get("domain", ""))
+        domains = tuple(sorted({out_domain, *(x[0].domain for x in inputs)}))
+        infos, out = self._approve(digest, domains, out_domain, h.get("recipient"))
+        grant = self._grant(digest, domains)
+        deks = [self._dek(grant, x[0]) for x in inputs]
+        with self._lock:
+            if len(self._actors) >= self.limits.max_actors:
+                raise CallRefused(
+                    "unavailable", f"this executor runs {self.limits.max_actors} actors already"
+                )
+        worker = _Worker(bundle, self.limits.memory_limit_bytes)
+        self.stats["actors_started"] += 1
+        actor = _Actor(uuid.uuid4().hex, worker, bundle, domains, out)
+        request, inline, fds = self._request(
+            "actor_init", inputs, infos, h.get("params", {}), out, digest, domains
+        )
+        reply = self._run(worker, request, [*deks, *inline], fds, self._timeout(h), worker.stop)
+        if reply[0]["status"] != "ok":
+            worker.stop()
+            return reply
+        with self._lock:
+            self._actors[actor.actor_id] = actor
+        owned.add(actor.actor_id)
+        return {**self._trust_state(grant), "status": "ok", "actor_id": actor.actor_id}, [], []
+
+    def actor_call(self, msg: protocol.Message) -> tuple[dict[str, Any], list[Any], list[int]]:
+        """Run one method of a live actor on sealed inputs of its domains; the result is sealed."""
+        if self.unavailable is not None:
+            raise CallRefused("unavailable", self.unavailable)
+        h = msg.header
+        with self._lock:
+            actor = self._actors.get(str(h.get("actor_id", "")))
+        if actor is None:
+            raise CallRefused("crashed", "the enclave actor is gone (it failed, was stopped, or its node's "
+                                         "keys were revoked): its state is lost")  # fmt: skip
+        method = h.get("method")
+        if not isinstance(method, str) or not _METHOD_RE.match(method):
+            raise CallRefused("bad_request", "method must be a public method name")
+        inputs = self._inputs(h, msg.frames, msg.fds)
+        foreign = {x[0].domain for x in inputs} - set(actor.domains)
+        if foreign:
+            raise CallRefused("denied", f"inputs of domains {sorted(foreign)} cannot enter an actor of "
+                                        f"domains {list(actor.domains)} (domains never share a process)")  # fmt: skip
+        digest = actor.bundle.digest
+        infos = {name: self._with_broker(partial(self.releaser.domain, name)) for name in actor.domains}
+        grant = self._grant(digest, actor.domains)
+        deks = [self._dek(grant, x[0]) for x in inputs]
+        request, inline, fds = self._request("actor_call", inputs, infos, h.get("params", {}), actor.out, digest,
+                                             actor.domains)  # fmt: skip
+        request["method"] = method
+        header, frames, out_fds = self._run(actor.worker, request, [*deks, *inline], fds, self._timeout(h),
+                                            lambda: self.stop_actor(actor.actor_id))  # fmt: skip
+        return {**header, **self._trust_state(grant)}, frames, out_fds
+
+    def stop_actor(self, actor_id: str) -> None:
+        with self._lock:
+            actor = self._actors.pop(actor_id, None)
+        if actor is not None:
+            actor.worker.stop()
+
+    def _trust_state(self, grant: Grant) -> dict[str, Any]:
+        return {"tee": self.facts.tee, "pool": self.facts.pool, "region": self.facts.region,
+                "node_id": self.facts.node_id, "attested_until": grant.expires_at}  # fmt: skip
 
     def _audit_denial(self, digest: bytes, domain: str, reason: str) -> None:
-        audit = getattr(self.releaser, "audit", None)
-        if callable(audit):
-            audit("call_denied", bundle=digest.hex(), domain=domain, reason=reason)
         logger.warning("executor: denied bundle %s for domain %r: %s", digest.hex(), domain, reason)
 
     @staticmethod
@@ -372,26 +502,25 @@ class Executor:
 
     def _run(
         self,
-        domains: tuple[str, ...],
-        bundle: Bundle,
+        worker: _Worker,
         request: dict[str, Any],
         frames: list[Any],
         fds: list[int],
         timeout: float,
+        on_failure: Callable[[], None],
     ) -> tuple[dict[str, Any], list[Any], list[int]]:
-        worker = self._worker(domains, bundle)
         with worker.lock:
             try:
                 worker.sock.settimeout(timeout)
                 protocol.send(worker.sock, request, frames, fds)
                 reply = protocol.recv(worker.sock)
             except TimeoutError:
-                self._discard(domains, bundle, worker)
+                on_failure()
                 raise CallRefused(
                     "timeout", f"confidential call exceeded its time limit ({timeout:.0f} s)"
                 ) from None
             except (ConnectionError, OSError, protocol.ProtocolError):
-                self._discard(domains, bundle, worker)
+                on_failure()
                 raise CallRefused("crashed", "the confidential call's worker process died") from None
             finally:
                 frames.clear()
@@ -471,35 +600,49 @@ class ExecutorServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            while True:
-                try:
-                    msg = protocol.recv(conn)
-                except (ConnectionError, OSError, protocol.ProtocolError):
-                    return
-                try:
-                    header, frames, fds = self._handle(msg)
-                except CallRefused as exc:
-                    header, frames, fds = {"status": exc.status, "message": str(exc)}, [], []
-                except KeyReleaseDenied as exc:
-                    header, frames, fds = {"status": "denied", "message": str(exc)}, [], []
-                except Exception:
-                    logger.exception("executor: internal error")
-                    header, frames, fds = {"status": "internal", "message": "executor internal error"}, [], []
-                finally:
-                    msg.close_fds()
-                try:
-                    protocol.send(conn, header, frames, fds)
-                except OSError:
-                    return
-                finally:
-                    for fd in fds:
-                        os.close(fd)
+        owned: set[str] = set()  # actors created on this connection: they end when it closes
+        try:
+            with conn:
+                self._serve_loop(conn, owned)
+        finally:
+            for actor_id in owned:
+                self.executor.stop_actor(actor_id)
 
-    def _handle(self, msg: protocol.Message) -> tuple[dict[str, Any], list[Any], list[int]]:
+    def _serve_loop(self, conn: socket.socket, owned: set[str]) -> None:
+        while True:
+            try:
+                msg = protocol.recv(conn)
+            except (ConnectionError, OSError, protocol.ProtocolError):
+                return
+            try:
+                header, frames, fds = self._handle(msg, owned)
+            except CallRefused as exc:
+                header, frames, fds = {"status": exc.status, "message": str(exc)}, [], []
+            except KeyReleaseDenied as exc:
+                header, frames, fds = {"status": "denied", "message": str(exc)}, [], []
+            except Exception:
+                logger.exception("executor: internal error")
+                header, frames, fds = {"status": "internal", "message": "executor internal error"}, [], []
+            finally:
+                msg.close_fds()
+            try:
+                protocol.send(conn, header, frames, fds)
+            except OSError:
+                return
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    def _handle(self, msg: protocol.Message, owned: set[str]) -> tuple[dict[str, Any], list[Any], list[int]]:
         op = msg.header.get("op")
         if op == "call":
             return self.executor.call(msg)
+        if op == "actor_create":
+            return self.executor.actor_create(msg, owned)
+        if op == "actor_call":
+            if str(msg.header.get("actor_id", "")) not in owned:
+                raise CallRefused("bad_request", "no such actor on this connection")
+            return self.executor.actor_call(msg)
         if op == "ping":
             return (
                 {"status": "ok", "node_id": self.executor.facts.node_id, "tee": self.executor.facts.tee},

@@ -1,36 +1,34 @@
-"""Where the executor gets tokens, data keys and domain policies: one protocol, :class:`KeyReleaser`.
+"""Where the executor gets tokens, data keys and domain descriptors: the key broker, over gRPC.
 
-Every use of the key broker goes through this interface (design.md section 5):
+Every use of the key broker goes through :class:`KeyReleaser` (design.md section 5):
 
-- ``grant(bundle_digest, executor_key, now)``: challenge, evidence from the attestation device
-  bound to (nonce, executor key, cluster, bundle digest), and a token. One token per bundle digest.
-- ``unwrap(grant, header)``: the DEK of one sealed object, released only if the domain's policy
-  approves the token's bundle, TEE and node.
-- ``domain(name)``: the domain's public key and policy (to seal results and check approvals).
+- ``grant(bundle_digest, domains, executor_key, now)``: challenge, evidence from the attestation
+  device bound to (nonce, executor key and its suite, cluster id, bundle digest), and a release token
+  naming ``domains``. The broker checks each domain's release policy (bundle, TEE kind, pool, region)
+  and appraises the evidence before it issues one. One token per (bundle digest, domains).
+- ``unwrap(grant, header)``: the DEK of one sealed object, in a response signed by the pinned release
+  key and sealed to the executor key (``KBSClient.unwrap`` checks both).
+- ``domain(name)``: the domain's descriptor, signed by the pinned release key.
 - ``revocation_epoch()``: polled at least every 10 s.
 
-Implementations:
+The implementation is :class:`KBSKeyReleaser` over :class:`~ray_confidential.kbs.client.KBSClient`;
+its broker address, release key and CA come from the node image or a launch-data file
+(:class:`LaunchData`), never from Ray. There is no in-executor development broker: development runs
+the real broker embedded in the driver (``ray_confidential.kbs.embedded``).
 
-- :class:`UnsafeLocalKeyReleaser` (DEVELOPMENT ONLY): plays the broker inside the executor over a
-  ``DevKeyService`` state directory and the simulated roots from launch data. It performs the same
-  checks a broker does (evidence verified with ``attest``, policy approval of the bundle, token
-  expiry), so the executor's tests exercise real denials, but it reads domain private keys from
-  disk: never use it outside development.
-- :class:`KBSKeyReleaser` (written, not yet tested against a running broker): over ``ray_confidential.kbs.client.KBSClient`` (the key broker issue).
-
-What this module does NOT do: cache (the executor caches grants and DEKs), or talk to the device
-itself (the caller passes an ``evidence`` function).
+What this module does NOT do: cache data keys (the executor caches grants and DEKs), or talk to the
+device itself (the caller passes an ``evidence`` function).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,16 +36,15 @@ from ray_confidential.attestation.binding import Binding
 from ray_confidential.attestation.evidence import Evidence
 from ray_confidential.crypto import hpke
 from ray_confidential.domains import ANY, DomainDescriptor, DomainPolicy
-from ray_confidential.errors import AttestationError, KeyReleaseDenied, PolicyViolation
-from ray_confidential.sealed.format import SealedHeader
+from ray_confidential.errors import AttestationError, KeyReleaseDenied
+
+logger = logging.getLogger(__name__)
 
 PROFILES = {"sev-snp": "snp-direct", "tdx": "tdx-direct", "sgx": "sgx-gramine", "nitro": "nitro"}
 """Evidence profile per simulated TEE kind."""
-
-HPKE_SUITE_NAMES = {
-    "x25519": "X25519-HKDF-SHA256-AES-256-GCM",
-    "mlkem768-x25519": "MLKEM768-X25519-HKDF-SHA256-AES-256-GCM",
-}
+UNSET = "(none)"
+"""Pool / region sent to the broker for a node without one (the broker requires 1..128 characters;
+no policy lists this value, so a policy that names pools or regions never admits such a node)."""
 
 
 class BrokerUnavailable(ConnectionError):
@@ -71,11 +68,12 @@ class NodeFacts:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Grant:
-    """A release token for one bundle digest. ``token`` is the broker's opaque token object."""
+    """A release token for one bundle digest and set of domains (``token``: the broker's token)."""
 
     token_id: str
     bundle_digest: bytes
     expires_at: float
+    domains: tuple[str, ...] = ()
     token: Any = None
 
     def __repr__(self) -> str:
@@ -86,8 +84,8 @@ class Grant:
 class DomainInfo:
     """A domain's signed descriptor and, where the releaser can see it, its policy.
 
-    ``policy`` None means the broker alone enforces the policy (it refuses release to a token whose
-    bundle the policy does not approve); the executor then refuses every non-domain recipient.
+    ``policy`` None means the broker alone enforces the policy (it refuses a token to a bundle the
+    policy does not approve); the executor then refuses every non-domain recipient.
     """
 
     descriptor: DomainDescriptor
@@ -97,10 +95,17 @@ class DomainInfo:
 class KeyReleaser(Protocol):
     """The executor's only view of the key broker (module docstring)."""
 
-    def grant(self, *, bundle_digest: bytes, executor_key: hpke.PrivateKeyHandle, now: float) -> Grant: ...
+    def grant(
+        self,
+        *,
+        bundle_digest: bytes,
+        domains: tuple[str, ...],
+        executor_key: hpke.PrivateKeyHandle,
+        now: float,
+    ) -> Grant: ...
 
     def unwrap(
-        self, grant: Grant, header: SealedHeader, executor_key: hpke.PrivateKeyHandle, *, now: float
+        self, grant: Grant, header: Any, executor_key: hpke.PrivateKeyHandle, *, now: float
     ) -> bytes: ...
 
     def domain(self, name: str) -> DomainInfo: ...
@@ -114,219 +119,187 @@ def bundle_approved(policy: DomainPolicy | None, bundle_digest: bytes) -> bool:
     return policy is None or ANY in policy.bundles or bundle_digest.hex() in policy.bundles
 
 
-class UnsafeLocalKeyReleaser:
-    """DEVELOPMENT ONLY: the broker's checks, run inside the executor over a dev key state dir.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LaunchData:
+    """How an executor reaches its broker: from the image, or a 0600 file the node starter wrote.
 
-    Args:
-        state_dir: the ``DevKeyService`` state directory of the owner (the driver).
-        facts: this node's identity.
-        evidence: returns evidence for a binding (the attestation device).
-        trust: the trust configuration a development broker would use (simulated roots).
-        token_lifetime: seconds a grant stays valid (<= 300, as broker tokens).
-        audit_path: JSON lines of every grant and denial.
+    Attributes:
+        target: ``HOST:PORT`` of the broker.
+        release_public_key: PEM of the broker's release key (pinned).
+        ca_cert: PEM CA of the broker's TLS certificate; None only for a loopback development broker.
+        cluster_id: this cluster's identity, bound into evidence.
+        dev_roots: ``DevRootOfTrust.to_launch_data()`` bytes (simulation only: enables the simulated
+            attestation device), or None on hardware.
     """
 
-    REVOCATION_FILE = "revocation_epoch"
+    target: str
+    release_public_key: bytes = field(repr=False)
+    ca_cert: bytes | None = field(default=None, repr=False)
+    cluster_id: str = "dev"
+    dev_roots: bytes | None = field(default=None, repr=False)
 
-    def __init__(
-        self,
-        state_dir: str | os.PathLike[str],
-        *,
-        facts: NodeFacts,
-        evidence: Callable[[Binding], Evidence],
-        trust: Any,
-        token_lifetime: float = 300.0,
-        audit_path: str | os.PathLike[str] | None = None,
-    ) -> None:
-        from ray_confidential.keyservice import DevKeyService
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> LaunchData:
+        """Read launch data JSON (``ray_confidential.kbs.embedded``): refuses a file others can read.
 
-        if not 0 < token_lifetime <= 300:
-            raise ValueError("token_lifetime must be in (0, 300] seconds")
-        self._service = DevKeyService(state_dir)
-        self._state_dir = Path(state_dir)
-        self._facts = facts
-        self._evidence = evidence
-        self._trust = trust
-        self._lifetime = token_lifetime
-        self._audit_path = Path(audit_path) if audit_path else None
-        self._audit_lock = threading.Lock()
-        self._tokens: dict[str, tuple[bytes, float, str]] = {}
-
-    def __reduce__(self) -> Any:
-        raise TypeError("UnsafeLocalKeyReleaser reads domain keys and cannot be pickled")
-
-    def audit(self, event: str, **fields: Any) -> None:
-        if self._audit_path is None:
-            return
-        line = json.dumps(
-            {"time": time.time(), "event": event, "node_id": self._facts.node_id, **fields}, sort_keys=True
-        )
-        with self._audit_lock, open(self._audit_path, "a") as f:
-            f.write(line + "\n")
-
-    def grant(self, *, bundle_digest: bytes, executor_key: hpke.PrivateKeyHandle, now: float) -> Grant:
-        from ray_confidential.attestation import AppraisalPolicy, attest
-
-        public = executor_key.public_key()
-        binding = Binding(
-            nonce=os.urandom(32),
-            executor_public_key=public.raw,
-            hpke_suite=HPKE_SUITE_NAMES[public.suite],
-            cluster_id=self._facts.cluster_id,
-            bundle_digest=bundle_digest,
-        )
+        Raises:
+            ValueError: the file is readable by group or others, or malformed.
+        """
+        st = os.stat(path)
+        if st.st_mode & 0o077:
+            raise ValueError(f"launch data {path} must be mode 0600 (it pins the broker and holds keys)")
         try:
-            evidence = self._evidence(binding)
-            claims = attest(
-                evidence,
-                profile=self._facts.profile,
-                policy=AppraisalPolicy.inspection([self._facts.tee]),
-                trust=self._trust,
-                expected_binding=binding,
+            data = json.loads(Path(path).read_text())
+            return cls(
+                target=str(data["target"]),
+                release_public_key=str(data["release_public_key"]).encode(),
+                ca_cert=str(data["ca_cert"]).encode() if data.get("ca_cert") else None,
+                cluster_id=str(data.get("cluster_id", "dev")),
+                dev_roots=bytes.fromhex(data["dev_roots"]) if data.get("dev_roots") else None,
             )
-        except (AttestationError, PolicyViolation) as exc:
-            self.audit("attest_denied", bundle=bundle_digest.hex(), reason=str(exc))
-            raise KeyReleaseDenied("attestation failed: no token issued") from None
-        token_id = uuid.uuid4().hex
-        measurement = next(iter(claims.measurements.values()), b"").hex()
-        self._tokens[token_id] = (bundle_digest, now + self._lifetime, measurement)
-        self.audit("token", token_id=token_id, bundle=bundle_digest.hex(), tee=claims.tee)
-        return Grant(token_id=token_id, bundle_digest=bundle_digest, expires_at=now + self._lifetime)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"launch data {path} is malformed: {exc}") from None
 
-    def unwrap(
-        self, grant: Grant, header: SealedHeader, executor_key: hpke.PrivateKeyHandle, *, now: float
-    ) -> bytes:
-        record = self._tokens.get(grant.token_id)
-        deny = None
-        if record is None:
-            deny = "unknown token"
-        elif record[1] <= now:
-            deny = "token expired"
-        else:
-            digest, _exp, measurement = record
-            try:
-                policy = self._service.policy(header.domain)
-            except ValueError:
-                policy = None
-            if policy is None:
-                deny = f"unknown domain {header.domain!r}"
-            elif not bundle_approved(policy, digest):
-                deny = f"bundle {digest.hex()} is not approved by domain {header.domain!r}"
-            elif ANY not in policy.tee_kinds and self._facts.tee not in policy.tee_kinds:
-                deny = f"TEE kind {self._facts.tee} not allowed by domain {header.domain!r}"
-            elif policy.measurements and measurement not in policy.measurements.get(self._facts.tee, ()):
-                deny = f"measurement not approved by domain {header.domain!r}"
-            elif ANY not in policy.pools and self._facts.pool not in policy.pools:
-                deny = f"pool not allowed by domain {header.domain!r}"
-            elif ANY not in policy.regions and self._facts.region not in policy.regions:
-                deny = f"region not allowed by domain {header.domain!r}"
-        if deny is not None:
-            self.audit("unwrap_denied", token_id=grant.token_id, domain=header.domain,
-                       object_id=header.object_id.hex(), reason=deny)  # fmt: skip
-            raise KeyReleaseDenied(f"key release denied: {deny}")
-        dek = self._service.unwrap(header.wrapped_dek, header.header_hash, header.header_bytes)
-        self.audit("unwrap", token_id=grant.token_id, domain=header.domain, object_id=header.object_id.hex())
-        return dek
+    def connect(self, *, timeout: float = 5.0) -> Any:
+        """A new ``KBSClient`` pinned to this broker (no retries: the executor bounds the wait)."""
+        from ray_confidential.kbs.client import KBSClient
 
-    def domain(self, name: str) -> DomainInfo:
-        try:
-            return DomainInfo(descriptor=self._service.descriptor(name), policy=self._service.policy(name))
-        except ValueError:
-            raise KeyReleaseDenied(f"unknown domain {name!r}") from None
-
-    def revocation_epoch(self) -> int:
-        try:
-            return int((self._state_dir / self.REVOCATION_FILE).read_text().strip() or 0)
-        except FileNotFoundError:
-            return 0
-        except (OSError, ValueError) as exc:
-            raise BrokerUnavailable(str(exc)) from None
+        return KBSClient(self.target, release_public_key=self.release_public_key, ca_cert=self.ca_cert,
+                         timeout=timeout, retries=0)  # fmt: skip
 
 
 class KBSKeyReleaser:
     """The key broker over gRPC (``ray_confidential.kbs.client.KBSClient``).
 
-    UNTESTED against a running broker in this issue (see docs/executor.md); the broker enforces the
-    domain policy, so :meth:`domain` returns the signed descriptor with ``policy=None``.
+    The broker enforces the domain policy, so :meth:`domain` returns the signed descriptor with
+    ``policy=None``. Descriptors are cached for ``descriptor_ttl`` seconds (and dropped when the
+    revocation epoch changes), so a warm call costs no broker round trip. After the broker was
+    unreachable the client is rebuilt (a fresh channel, without gRPC's reconnect backoff).
 
     Args:
-        client: a ``KBSClient`` whose release key (and TLS CA) come from the image or launch data.
+        connect: returns a new ``KBSClient`` pinned to the broker.
         facts: this node's identity.
         evidence: returns evidence for a binding (the attestation device).
+        clock: for the descriptor cache.
     """
 
-    def __init__(self, client: Any, *, facts: NodeFacts, evidence: Callable[[Binding], Evidence]) -> None:
-        self._client = client
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        *,
+        facts: NodeFacts,
+        evidence: Callable[[Binding], Evidence],
+        descriptor_ttl: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._connect = connect
+        self._client = connect()
         self._facts = facts
         self._evidence = evidence
+        self._ttl = descriptor_ttl
+        self._clock = clock
+        self._descriptors: dict[str, tuple[DomainDescriptor, float]] = {}
+        self._lock = threading.Lock()
+        self._epoch: int | None = None
 
-    def grant(self, *, bundle_digest: bytes, executor_key: hpke.PrivateKeyHandle, now: float) -> Grant:
+    def _unavailable(self, exc: Exception) -> BrokerUnavailable:
+        with self._lock:
+            old, self._client = self._client, self._connect()
+        old.close()
+        return BrokerUnavailable(str(exc))
+
+    def _run(self, fn: Callable[[Any], Any]) -> Any:
+        from ray_confidential.kbs.client import BrokerUnavailableError
+
         try:
-            challenge = self._client.challenge()
+            return fn(self._client)
+        except BrokerUnavailableError as exc:
+            raise self._unavailable(exc) from None
+
+    def grant(
+        self,
+        *,
+        bundle_digest: bytes,
+        domains: tuple[str, ...],
+        executor_key: hpke.PrivateKeyHandle,
+        now: float,
+    ) -> Grant:
+        from ray_confidential.kbs.client import BrokerRefusedError
+
+        facts = self._facts
+
+        def attest(client: Any) -> Any:
+            challenge = client.challenge()
             binding = challenge.binding(
-                executor_key, cluster_id=self._facts.cluster_id, bundle_digest=bundle_digest
+                executor_key, cluster_id=facts.cluster_id, bundle_digest=bundle_digest
             )
-            token = self._client.attest(
-                challenge,
-                self._evidence(binding),
-                profile=self._facts.profile,
-                executor_key=executor_key,
-                cluster_id=self._facts.cluster_id,
-                bundle_digest=bundle_digest,
-                scope="release",
-                node_id=self._facts.node_id,
-                pool=self._facts.pool,
-                region=self._facts.region,
-            )
-        except AttestationError:
-            raise KeyReleaseDenied("attestation failed: no token issued") from None
-        except KeyReleaseDenied as exc:
-            if type(exc).__name__ == "BrokerUnavailableError":
-                raise BrokerUnavailable(str(exc)) from None
-            raise
-        return Grant(
-            token_id=token.jti, bundle_digest=bundle_digest, expires_at=float(token.expires_at), token=token
-        )
+            try:
+                evidence = self._evidence(binding)
+            except AttestationError as exc:
+                raise KeyReleaseDenied(f"attestation failed: {exc}") from None
+            return client.attest(challenge, evidence, profile=facts.profile, executor_key=executor_key,
+                                 cluster_id=facts.cluster_id, bundle_digest=bundle_digest, scope="release",
+                                 node_id=facts.node_id, pool=facts.pool or UNSET, region=facts.region or UNSET,
+                                 domains=domains)  # fmt: skip
 
-    def unwrap(
-        self, grant: Grant, header: SealedHeader, executor_key: hpke.PrivateKeyHandle, *, now: float
-    ) -> bytes:
         try:
-            return bytes(self._client.unwrap(grant.token, header.header_bytes, executor_key))
-        except KeyReleaseDenied as exc:
-            if type(exc).__name__ == "BrokerUnavailableError":
-                raise BrokerUnavailable(str(exc)) from None
-            raise
+            token = self._run(attest)
+        except BrokerRefusedError as exc:
+            raise KeyReleaseDenied(
+                f"the key broker refused a token for this call ({exc.code}): attestation failed, or a domain "
+                f"policy of {list(domains)} does not admit this code bundle, TEE, pool or region, or this "
+                "node is revoked; the broker's audit log has the reason"
+            ) from None
+        return Grant(token_id=token.jti, bundle_digest=bundle_digest, expires_at=float(token.expires_at),
+                     domains=domains, token=token)  # fmt: skip
+
+    def unwrap(self, grant: Grant, header: Any, executor_key: hpke.PrivateKeyHandle, *, now: float) -> bytes:
+        from ray_confidential.kbs.client import BrokerRefusedError
+
+        try:
+            return bytes(self._run(lambda c: c.unwrap(grant.token, header.header_bytes, executor_key)))
+        except BrokerRefusedError as exc:
+            raise KeyReleaseDenied(
+                f"the key broker refused the data key of object {header.object_id.hex()} ({exc.code}); "
+                "its audit log has the reason"
+            ) from None
 
     def domain(self, name: str) -> DomainInfo:
-        return DomainInfo(descriptor=self._client.descriptor(name), policy=None)
+        from ray_confidential.kbs.client import BrokerRefusedError
+
+        now = self._clock()
+        with self._lock:
+            cached = self._descriptors.get(name)
+        if cached is not None and cached[1] > now:
+            return DomainInfo(descriptor=cached[0], policy=None)
+        try:
+            desc: DomainDescriptor = self._run(lambda c: c.descriptor(name))
+        except BrokerRefusedError as exc:
+            raise KeyReleaseDenied(f"unknown domain {name!r} at the key broker ({exc.code})") from None
+        with self._lock:
+            self._descriptors[name] = (desc, now + self._ttl)
+        return DomainInfo(descriptor=desc, policy=None)
 
     def revocation_epoch(self) -> int:
-        try:
-            return int(self._client.revocation_epoch())
-        except KeyReleaseDenied as exc:
-            raise BrokerUnavailable(str(exc)) from None
+        epoch = int(self._run(lambda c: c.revocation_epoch()))
+        if epoch != self._epoch:
+            with self._lock:
+                self._descriptors.clear()
+            self._epoch = epoch
+        return epoch
 
-
-def bump_revocation_epoch(state_dir: str | os.PathLike[str]) -> int:
-    """DEVELOPMENT: revoke everything :class:`UnsafeLocalKeyReleaser` executors hold (tests)."""
-    path = Path(state_dir) / UnsafeLocalKeyReleaser.REVOCATION_FILE
-    try:
-        epoch = int(path.read_text().strip() or 0) + 1
-    except FileNotFoundError:
-        epoch = 1
-    path.write_text(str(epoch))
-    return epoch
+    def close(self) -> None:
+        self._client.close()
 
 
 __all__ = [
+    "UNSET",
     "BrokerUnavailable",
     "DomainInfo",
     "Grant",
     "KBSKeyReleaser",
     "KeyReleaser",
+    "LaunchData",
     "NodeFacts",
-    "UnsafeLocalKeyReleaser",
-    "bump_revocation_epoch",
     "bundle_approved",
 ]

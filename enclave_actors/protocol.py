@@ -46,6 +46,8 @@ _REQUIRED_SEALS: Final = (
 _F_GET_SEALS: Final = 1034
 _F_ADD_SEALS: Final = 1033
 _F_SEAL_SEAL: Final = 1
+_POPULATE: Final = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+"""Map memfds pre-faulted: one kernel call instead of a page fault per 4 KiB (large sealed inputs)."""
 
 
 class ProtocolError(Exception):
@@ -156,10 +158,11 @@ def sealed_memfd(data: Any, name: str = "rc-sealed") -> int:
     view = memoryview(data).cast("B")
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        if len(view):
-            os.ftruncate(fd, len(view))
-            with mmap.mmap(fd, len(view)) as m:
-                m[:] = view
+        # write(2), not a mapping: the kernel copies into fresh pages without a user page fault per
+        # 4 KiB (2.4x faster for 64 MiB here: benchmarks/executor.py).
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done : done + (1 << 30)])
         seal_memfd(fd)
     except BaseException:
         os.close(fd)
@@ -179,7 +182,7 @@ class MemfdWriter:
         self.fd = os.memfd_create(self._name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         if size:
             os.ftruncate(self.fd, size)
-            self._map = mmap.mmap(self.fd, size)
+            self._map = mmap.mmap(self.fd, size, flags=_POPULATE)
             return memoryview(self._map)
         return memoryview(bytearray(0))
 
@@ -215,7 +218,7 @@ def map_sealed_memfd(fd: int) -> memoryview:
     size = os.fstat(fd).st_size
     if size == 0:
         return memoryview(b"")
-    return memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
+    return memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ, flags=_POPULATE))
 
 
 __all__ = [

@@ -99,33 +99,9 @@ class ConfidentialFunction:
 
         from ray_confidential.api import SealedRef
 
-        refs: list[Any] = []
-
-        def encode(value: Any) -> list[Any]:
-            if isinstance(value, SealedRef):
-                refs.append(value.object_ref)
-                return ["s", len(refs) - 1]
-            try:
-                json.dumps(value, allow_nan=False)
-            except (TypeError, ValueError):
-                raise TypeError(
-                    f"argument of type {type(value).__name__} is neither a SealedRef nor a JSON value; "
-                    "seal it with rc.put(value, domain=...) and pass the SealedRef"
-                ) from None
-            return ["j", value]
-
-        spec = {
-            "domain": self._domain,
-            "args": [encode(a) for a in args],
-            "kwarg_names": list(kwargs),
-            "kwargs": [encode(v) for v in kwargs.values()],
-            "timeout_s": self._options.get("timeout_s"),
-            "recipient": self._options.get("recipient"),
-        }
-        if len(json.dumps([spec["args"], spec["kwargs"]])) > MAX_PARAMS_BYTES:
-            raise ValueError(
-                "plain parameters of a confidential call are limited to 64 KiB; seal larger data"
-            )
+        spec, refs = encode_call(args, kwargs)
+        spec.update(domain=self._domain, timeout_s=self._options.get("timeout_s"),
+                    recipient=self._options.get("recipient"))  # fmt: skip
         if self._task is None:
             self._task = ray.remote(_shim_task).options(**self._ray_options())
         object_ref = self._task.remote(spec, self.bundle, *refs)
@@ -133,11 +109,55 @@ class ConfidentialFunction:
 
     def _ray_options(self) -> dict[str, Any]:
         opts = {k: v for k, v in self._options.items() if k not in ("timeout_s", "recipient", "tee")}
-        tee = self._options.get("tee")
-        kinds = (tee,) if isinstance(tee, str) else tuple(tee or TEE_KINDS)
-        opts.setdefault("label_selector", {TEE_LABEL: f"in({','.join(kinds)})"})
+        opts.setdefault("label_selector", placement(self._options.get("tee")))
         opts.setdefault("max_retries", 0)
         return opts
+
+
+def encode_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+    """Plain parameters (``["j", v]``) and sealed inputs (``["s", i]``, their ObjectRefs in order).
+
+    Raises:
+        TypeError: an argument is neither a SealedRef nor a JSON value.
+        ValueError: plain parameters over 64 KiB.
+    """
+    from ray_confidential.api import SealedRef
+
+    refs: list[Any] = []
+
+    def encode(value: Any) -> list[Any]:
+        if isinstance(value, SealedRef):
+            refs.append(value.object_ref)
+            return ["s", len(refs) - 1]
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"argument of type {type(value).__name__} is neither a SealedRef nor a JSON value; "
+                "seal it with rc.put(value, domain=...) and pass the SealedRef"
+            ) from None
+        return ["j", value]
+
+    spec = {"args": [encode(a) for a in args], "kwarg_names": list(kwargs),
+            "kwargs": [encode(v) for v in kwargs.values()]}  # fmt: skip
+    if len(json.dumps([spec["args"], spec["kwargs"]])) > MAX_PARAMS_BYTES:
+        raise ValueError("plain parameters of a confidential call are limited to 64 KiB; seal larger data")
+    return spec, refs
+
+
+def placement(tee: str | tuple[str, ...] | list[str] | None) -> dict[str, str]:
+    """The ``label_selector`` of a confidential task or actor: nodes labelled with an allowed TEE kind,
+    or, for development executors ``rc.init`` started on nodes Ray cannot label (row 2 of its table),
+    those nodes by ``ray.io/node-id``."""
+    kinds = (tee,) if isinstance(tee, str) else tuple(tee or TEE_KINDS)
+    from ray_confidential import api
+
+    session = api._session
+    services = session.services if session is not None else None
+    routing = tuple(getattr(services, "routing_nodes", ()))
+    if routing and "sev-snp" in kinds:
+        return {"ray.io/node-id": f"in({','.join(routing)})"}
+    return {TEE_LABEL: f"in({','.join(kinds)})"}
 
 
 def remote(*, domain: str, **options: Any) -> Callable[[Callable[..., Any]], ConfidentialFunction]:
@@ -158,4 +178,4 @@ def remote(*, domain: str, **options: Any) -> Callable[[Callable[..., Any]], Con
     return decorate
 
 
-__all__ = ["TEE_LABEL", "ConfidentialFunction", "remote"]
+__all__ = ["TEE_LABEL", "ConfidentialFunction", "encode_call", "placement", "remote"]

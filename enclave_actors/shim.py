@@ -69,17 +69,13 @@ class ExecutorClient:
 
     @classmethod
     def from_env(cls) -> ExecutorClient:
-        """The client for ``$RAY_CONFIDENTIAL_EXECUTOR_SOCKET`` (shared per process).
+        """The client for this node's executor (shared per process): ``$RAY_CONFIDENTIAL_EXECUTOR_SOCKET``,
+        else the per-node path where ``rc.init`` starts development executors (:func:`node_socket_path`).
 
         Raises:
             NoAttestedNodeError: this node has no enclave executor.
         """
-        path = os.environ.get(SOCKET_ENV)
-        if not path:
-            raise NoAttestedNodeError(
-                "this Ray node has no enclave executor (RAY_CONFIDENTIAL_EXECUTOR_SOCKET is unset): a "
-                "confidential call was placed on a node that is not a TEE node"
-            )
+        path = resolve_socket_path()
         with cls._instances_lock:
             if path not in cls._instances:
                 cls._instances[path] = cls(path)
@@ -120,6 +116,59 @@ class ExecutorClient:
                         raise
         raise AssertionError("unreachable")
 
+    def _send(
+        self,
+        header: dict[str, Any],
+        bundle: Bundle | None,
+        inputs: Sequence[Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any] | None,
+    ) -> protocol.Message:
+        """Send a call-shaped request (sealed inputs, plain parameters, the bundle when asked)."""
+        kwargs = kwargs or {}
+        params = {"args": list(args), "kwargs": list(kwargs.values()), "kwarg_names": list(kwargs)}
+        if len(json.dumps(params)) > 64 << 10:
+            raise ValueError(
+                "plain parameters of a confidential call are limited to 64 KiB; seal larger data"
+            )
+        specs: list[dict[str, Any]] = []
+        frames: list[Any] = []
+        fds: list[int] = []
+        try:
+            for data in inputs:
+                view = memoryview(data).cast("B")
+                if len(view) > INLINE_INPUT_LIMIT:
+                    specs.append({"src": "fd", "index": len(fds)})
+                    fds.append(protocol.sealed_memfd(view))
+                else:
+                    specs.append({"src": "frame", "index": len(frames)})
+                    frames.append(view)
+            header = {**header, "inputs": specs, "params": params}
+            if bundle is None or bundle.digest in self._known:
+                reply = self.request(header, frames, fds)
+            else:
+                reply = protocol.Message({"status": "need_bundle"})
+            if bundle is not None and reply.header.get("status") == "need_bundle":
+                header["bundle"] = {**bundle.to_wire(), "files": len(bundle.files)}
+                reply = self.request(header, [*(d for _, d in bundle.files), *frames], fds)
+            if bundle is not None:
+                self._known.add(bundle.digest)
+            return reply
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    @staticmethod
+    def _sealed_result(reply: protocol.Message) -> memoryview:
+        try:
+            if reply.header.get("status") != "ok":
+                _raise_for(reply.header, reply.frames)
+            if reply.fds:
+                return protocol.map_sealed_memfd(reply.fds[0])
+            return memoryview(reply.frames[0])
+        finally:
+            reply.close_fds()
+
     def call(
         self,
         bundle: Bundle,
@@ -140,53 +189,97 @@ class ExecutorClient:
             SealedTaskError: the call failed (detail sealed), crashed or timed out.
             KeyReleaseDenied: the bundle is not approved, or the broker refused or is unreachable.
         """
-        kwargs = kwargs or {}
-        params = {"args": list(args), "kwargs": list(kwargs.values()), "kwarg_names": list(kwargs)}
-        specs: list[dict[str, Any]] = []
-        frames: list[Any] = []
-        fds: list[int] = []
-        try:
-            for data in inputs:
-                view = memoryview(data).cast("B")
-                if len(view) > INLINE_INPUT_LIMIT:
-                    specs.append({"src": "fd", "index": len(fds)})
-                    fds.append(protocol.sealed_memfd(view))
-                else:
-                    specs.append({"src": "frame", "index": len(frames)})
-                    frames.append(view)
-            header: dict[str, Any] = {
-                "op": "call",
-                "bundle_digest": bundle.digest_hex,
-                "domain": domain,
-                "inputs": specs,
-                "params": params,
-                "timeout_s": timeout_s,
-                "recipient": recipient,
-            }
-            if len(json.dumps(params)) > 64 << 10:
-                raise ValueError(
-                    "plain parameters of a confidential call are limited to 64 KiB; seal larger data"
-                )
-            digest = bundle.digest
-            if digest in self._known:
-                reply = self.request(header, frames, fds)
-            else:
-                reply = protocol.Message({"status": "need_bundle"})
-            if reply.header.get("status") == "need_bundle":
-                header["bundle"] = {**bundle.to_wire(), "files": len(bundle.files)}
-                reply = self.request(header, [*(d for _, d in bundle.files), *frames], fds)
-            self._known.add(digest)
-        finally:
-            for fd in fds:
-                os.close(fd)
+        header = {"op": "call", "bundle_digest": bundle.digest_hex, "domain": domain, "timeout_s": timeout_s,
+                  "recipient": recipient}  # fmt: skip
+        return self._sealed_result(self._send(header, bundle, inputs, args, kwargs))
+
+    def actor_create(
+        self,
+        bundle: Bundle,
+        *,
+        domain: str,
+        inputs: Sequence[Any] = (),
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Construct an enclave actor (the bundle's entry point is its class) in its own executor
+        subprocess, which lives as long as this connection. Returns its id and trust state.
+
+        Raises:
+            SealedTaskError: the constructor raised (detail sealed), crashed or timed out.
+            KeyReleaseDenied: as :meth:`call`.
+        """
+        header = {"op": "actor_create", "bundle_digest": bundle.digest_hex, "domain": domain,
+                  "timeout_s": timeout_s}  # fmt: skip
+        reply = self._send(header, bundle, inputs, args, kwargs)
         try:
             if reply.header.get("status") != "ok":
                 _raise_for(reply.header, reply.frames)
-            if reply.fds:
-                return protocol.map_sealed_memfd(reply.fds[0])
-            return memoryview(reply.frames[0])
+            return dict(reply.header)
         finally:
             reply.close_fds()
 
+    def actor_call(
+        self,
+        actor_id: str,
+        method: str,
+        *,
+        inputs: Sequence[Any] = (),
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> tuple[memoryview, dict[str, Any]]:
+        """Run ``method`` of the actor; returns (sealed result, trust state)."""
+        header = {"op": "actor_call", "actor_id": actor_id, "method": method, "timeout_s": timeout_s}
+        reply = self._send(header, None, inputs, args, kwargs)
+        state = dict(reply.header)
+        return self._sealed_result(reply), state
 
-__all__ = ["SOCKET_ENV", "CallFailed", "ExecutorClient"]
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+
+RUNTIME_DIR = f"/tmp/ray-confidential-{os.getuid()}"  # noqa: S108 - owner and 0700 checked at creation
+"""Where ``rc.init`` puts the sockets of the development executors it starts (mode 0700)."""
+
+
+def node_socket_path(node_id: str) -> str:
+    """The executor socket of a node whose executor ``rc.init`` started (rows 1-2 of its table)."""
+    return os.path.join(RUNTIME_DIR, f"{node_id[:32]}.sock")
+
+
+def resolve_socket_path() -> str:
+    """``$RAY_CONFIDENTIAL_EXECUTOR_SOCKET``, else :func:`node_socket_path` of this Ray node if present.
+
+    Raises:
+        NoAttestedNodeError: neither exists (a confidential call placed on a node without executor).
+    """
+    path = os.environ.get(SOCKET_ENV)
+    if path:
+        return path
+    try:
+        import ray
+
+        candidate = node_socket_path(ray.get_runtime_context().get_node_id())
+    except Exception:
+        candidate = ""
+    if candidate and os.path.exists(candidate):
+        return candidate
+    raise NoAttestedNodeError(
+        "this Ray node has no enclave executor (RAY_CONFIDENTIAL_EXECUTOR_SOCKET is unset and rc.init "
+        "started none here): a confidential call was placed on a node that is not a TEE node"
+    )
+
+
+__all__ = [
+    "RUNTIME_DIR",
+    "SOCKET_ENV",
+    "CallFailed",
+    "ExecutorClient",
+    "node_socket_path",
+    "resolve_socket_path",
+]

@@ -1,4 +1,4 @@
-"""An executor worker: one subprocess per (domains, bundle) pair, started by the executor daemon.
+"""An executor worker: one subprocess per (domains, bundle) pair, or per enclave actor instance.
 
     python -m enclave_actors.worker FD [MEMORY_LIMIT_BYTES]
 
@@ -7,7 +7,9 @@ stdout and stderr to /dev/null (a bundle's prints are dropped, never passed thro
 bundle it is sent (``ray_confidential.bundle``) and then serves calls on the socket ``FD``: each
 call brings sealed inputs (frames or sealed memfds) with their data keys, opens them with the safe
 decoders, runs the entry point, seals the result to the output key and drops the keys. Exceptions
-become a sealed traceback. It exits when the daemon closes the socket.
+become a sealed traceback. An actor's worker is constructed once (``actor_init``: the entry point
+is the class) and then runs its public methods (``actor_call``); the instance never leaves the
+process. It exits when the daemon closes the socket.
 
 What it does NOT do: talk to the broker, check policies or choose keys (the daemon did all that
 before the call reached it; it only ever receives keys for its own domains).
@@ -101,6 +103,7 @@ def serve(sock: socket.socket) -> None:
         return
     protocol.send(sock, {"status": "ok"})
     producer = bundle.digest_hex[:32]
+    instance: Any = None  # the enclave actor's state (op "actor_init"), lives in this process only
     while True:
         try:
             msg = protocol.recv(sock)
@@ -108,17 +111,23 @@ def serve(sock: socket.socket) -> None:
             return
         header = msg.header
         out = header["out"]
+        op = header.get("op", "call")
         try:
             values = _open_inputs(msg)
             args = _build_args(header["args"], values)
             kwargs = dict(zip(header["kwarg_names"], _build_args(header["kwargs"], values), strict=True))
             del values
+            target = _target(op, fn, instance, header.get("method"))
             ctx_module._set(ctx_module.CallContext.from_dict(header["ctx"]))
             try:
-                result = fn(*args, **kwargs)
+                result = target(*args, **kwargs)
             finally:
                 ctx_module._set(None)
                 del args, kwargs
+            if op == "actor_init":
+                instance, result = result, None
+                protocol.send(sock, {"status": "ok"})
+                continue
             frames, fds = _seal(result, out, producer)
             del result
             protocol.send(sock, {"status": "ok"}, frames, fds)
@@ -135,6 +144,24 @@ def serve(sock: socket.socket) -> None:
             protocol.send(sock, {"status": "task_error"}, frames, fds)
             for fd in fds:
                 os.close(fd)
+
+
+def _target(op: str, entry: Any, instance: Any, method: Any) -> Any:
+    """What a request runs: the entry function, the actor class (once), or a public actor method."""
+    if op == "call":
+        return entry
+    if op == "actor_init":
+        if not isinstance(entry, type) or instance is not None:
+            raise TypeError("an enclave actor's entry point must be a class, constructed once")
+        return entry
+    if op == "actor_call":
+        if instance is None or not isinstance(method, str) or method.startswith("_"):
+            raise AttributeError("no such public method on the enclave actor")
+        bound = getattr(instance, method)
+        if not callable(bound):
+            raise AttributeError(f"{method!r} is not a method")
+        return bound
+    raise ValueError(f"unknown operation {op!r}")
 
 
 def main(argv: list[str]) -> int:

@@ -30,6 +30,7 @@ _LAZY = {
     "DomainPolicy": "ray_confidential.domains",
     "DomainDescriptor": "ray_confidential.domains",
     "remote": "enclave_actors.remote",
+    "enclave_actor": "enclave_actors.actor",
     "context": "enclave_actors.context",
 }
 
@@ -56,6 +57,7 @@ __all__ = [
     "DomainPolicy",
     "SealedRef",
     "create_domain",
+    "enclave_actor",
     "errors",
     "export",
     "get",

@@ -87,6 +87,8 @@ class _Session:
     owner: bool
     mode: str
     started_ray: bool
+    services: Any = None
+    """Development broker and executors (``enclave_actors.embedded.DevServices``) for rows 1-3."""
 
 
 _session: _Session | None = None
@@ -162,9 +164,25 @@ def init(*, dev: bool | None = None, **ray_init_kwargs: Any) -> None:
             )
         started = False
         if not ray.is_initialized():
+            if mode == "local":  # row 1: the new local node is a (simulated) TEE node
+                from enclave_actors.embedded import node_labels
+
+                ray_init_kwargs["labels"] = node_labels(ray_init_kwargs)
             ray.init(**ray_init_kwargs)
             started = True
-        _session = _Session(key_service=service, owner=owner, mode=mode, started_ray=started)
+        services = None
+        if isinstance(service, DevKeyService):  # rows 1-3: a real gRPC dev broker over these domains
+            from enclave_actors.embedded import start_dev_services
+
+            try:
+                services = start_dev_services(mode, service.state_dir, labelled=started)
+            except BaseException:
+                if started:
+                    ray.shutdown()
+                raise
+        _session = _Session(
+            key_service=service, owner=owner, mode=mode, started_ray=started, services=services
+        )
 
 
 def shutdown() -> None:
@@ -177,6 +195,8 @@ def shutdown() -> None:
             metrics.flush(timeout=10.0)  # hand this driver's figures to the long-lived sink
         except Exception as exc:  # metrics never block shutdown
             logger.warning("ray_confidential: could not flush metrics: %s", exc)
+    if session is not None and session.services is not None:
+        session.services.stop()  # executors this init started, and its broker reference
     if session is not None and session.started_ray and ray.is_initialized():
         ray.shutdown()
 

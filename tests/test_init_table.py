@@ -43,13 +43,33 @@ def _driver(code: str, env: dict[str, str], timeout: int = 180) -> subprocess.Co
 
 
 ROUND_TRIP = """
+import os, numpy as np, ray
 import ray_confidential as rc
 from ray_confidential.api import _session_or_die
+from ray_confidential.kbs import embedded
+from tests.executor import conf_funcs
 rc.init({kwargs})
-print("MODE", _session_or_die().mode)
+session = _session_or_die()
+print("MODE", session.mode)
 rc.create_domain("t")
 print("OPEN", rc.get(rc.put(b"row", domain="t")) == b"row")
+rc.create_domain("exec-a")
+pids = [ex.pid for ex in session.services.executors]
+print("EXECUTORS", len(pids), [ex.node_id for ex in session.services.executors] == [ray.get_runtime_context().get_node_id()])
+print("LABELS", sorted(n["Labels"].get("ray-confidential.io/tee", "-") for n in ray.nodes()))
+arg = rc.put(np.arange(4.0), domain="exec-a")
+print("CALL", rc.get(conf_funcs.total.remote(arg)))
+broker = embedded.current()
+print("BROKER", broker.target.startswith("127.0.0.1:"), oct(broker.launch_path.stat().st_mode & 0o777))
+print("GRANT", any(r["event"] == "unwrap" and r.get("object_id") == arg.object_id for r in broker.audit_records()))
 rc.shutdown()
+alive = []
+for pid in pids:
+    try:
+        os.kill(pid, 0); alive.append(pid)
+    except ProcessLookupError:
+        pass
+print("STOPPED", alive == [] and embedded.current() is None)
 """
 
 
@@ -64,6 +84,10 @@ def test_row1_no_address_starts_local_cluster_and_dev_service(tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "MODE local" in proc.stdout and "OPEN True" in proc.stdout
     assert "DEVELOPMENT key service" in proc.stderr
+    # One simulated executor per local node, labelled; keys from the embedded gRPC broker.
+    assert "EXECUTORS 1 True" in proc.stdout and "LABELS ['sev-snp']" in proc.stdout
+    assert "CALL {'sum': 6.0}" in proc.stdout and "BROKER True 0o600" in proc.stdout
+    assert "GRANT True" in proc.stdout and "STOPPED True" in proc.stdout
 
 
 def test_row2_dev_with_implicit_address_connects(cluster: Cluster) -> None:
@@ -71,6 +95,11 @@ def test_row2_dev_with_implicit_address_connects(cluster: Cluster) -> None:
     proc = _driver(ROUND_TRIP.format(kwargs="dev=True"), env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "MODE dev-implicit" in proc.stdout and "OPEN True" in proc.stdout
+    # One executor on the driver's node (reached by node id: Ray cannot label a running node).
+    assert "EXECUTORS 1 True" in proc.stdout and "LABELS ['-']" in proc.stdout
+    assert (
+        "CALL {'sum': 6.0}" in proc.stdout and "GRANT True" in proc.stdout and "STOPPED True" in proc.stdout
+    )
 
 
 def test_row4_implicit_address_without_dev_needs_a_broker(cluster: Cluster, tmp_path: Path) -> None:
@@ -78,17 +107,25 @@ def test_row4_implicit_address_without_dev_needs_a_broker(cluster: Cluster, tmp_
     proc = _driver("import ray_confidential as rc; rc.init()", env)
     assert proc.returncode != 0
     assert "RAY_CONFIDENTIAL_DOMAINS" in proc.stderr and "dev=True" in proc.stderr
+    assert "DEVELOPMENT key broker" not in proc.stderr
 
 
 def test_row3_dev_with_explicit_address_connects(cluster: Cluster) -> None:
+    from ray_confidential.kbs import embedded
+
     rc.init(address=cluster.address, dev=True)
     try:
         assert _session_or_die().mode == "dev-explicit" and _session_or_die().owner
         rc.create_domain("row3")
         assert rc.get(rc.put([1, 2], domain="row3")) == [1, 2]
+        # The broker runs (for add_tee_node, before or after this init); no executor is started here.
+        services = _session_or_die().services
+        assert services.executors == [] and embedded.current() is services.broker
+        assert services.broker.registry.get("row3") is not None  # a domain created after it started
     finally:
         rc.shutdown()
         ray.shutdown()
+    assert embedded.current() is None
 
 
 def test_row4_explicit_address_without_dev(
@@ -107,6 +144,9 @@ def test_row4_explicit_address_without_dev(
     monkeypatch.setenv("RAY_CONFIDENTIAL_DOMAINS", str(descriptors))
     rc.init(address=cluster.address)
     try:
+        from ray_confidential.kbs import embedded
+
+        assert _session_or_die().services is None and embedded.current() is None  # no broker started
         assert _session_or_die().mode == "connect" and not _session_or_die().owner
         ref = rc.put(b"result", domain="published")
         with pytest.raises(KeyReleaseDenied, match="ray-confidential open"):

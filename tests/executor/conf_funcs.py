@@ -60,5 +60,21 @@ def echo_len(table: Any) -> int:
     return int(table.num_rows)
 
 
+@rc.enclave_actor(domain="exec-a")
+class Accumulator:
+    """An enclave actor: its running total lives only in its executor subprocess."""
+
+    def __init__(self, start: float) -> None:
+        self.total = float(np.sum(start))
+
+    def add(self, x: Any) -> float:
+        self.total += float(np.sum(x))
+        return self.total
+
+    def where(self) -> dict[str, Any]:
+        ctx = rc.context()
+        return {"pid": os.getpid(), "node_id": ctx.node_id, "tee": ctx.tee, "domains": list(ctx.domains)}
+
+
 if __name__ == "__main__":
     raise SystemExit("this block must never run inside the executor")

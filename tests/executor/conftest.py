@@ -1,9 +1,8 @@
-"""Fixtures for executor tests: a development key state, domains, and a simulated executor process."""
+"""Fixtures for executor tests: a development key state, its embedded broker, and a simulated executor."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -15,9 +14,10 @@ import pytest
 
 from enclave_actors.shim import ExecutorClient
 from ray_confidential.domains import DomainPolicy
+from ray_confidential.kbs.embedded import EmbeddedBroker
 from ray_confidential.keyservice import DevKeyService
 from ray_confidential.sealed.format import DomainPublicKey, seal
-from ray_confidential.testing.tee_node import ExecutorProcess, start_executor
+from ray_confidential.testing.tee_node import ExecutorProcess, start_executor, stop_executor
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Env:
     state_dir: Path
     executor: ExecutorProcess
     client: ExecutorClient
+    broker: EmbeddedBroker
 
     def seal(self, value: Any, domain: str = "exec-a") -> bytes:
         d = self.service.descriptor(domain)
@@ -36,8 +37,9 @@ class Env:
 
         return open_sealed(data, self.service)
 
-    def audit(self) -> str:
-        return Path(self.executor.audit_log).read_text() if os.path.exists(self.executor.audit_log) else ""
+    def audit(self) -> list[dict[str, Any]]:
+        """The broker's audit records (the signed, chained log as written)."""
+        return self.broker.audit_records()
 
 
 def make_service(state_dir: Path) -> DevKeyService:
@@ -51,7 +53,7 @@ def make_service(state_dir: Path) -> DevKeyService:
 
 
 def launch(
-    state_dir: Path,
+    broker: EmbeddedBroker,
     *,
     tee: str = "sev-snp",
     trusted: bool = True,
@@ -59,26 +61,24 @@ def launch(
     wrapper: tuple[str, ...] = (),
 ) -> ExecutorProcess:
     folder = Path(tempfile.mkdtemp(prefix="rc-exec-test-"))
-    return start_executor(node_id="ab" * 28, tee=tee, socket_path=str(folder / "executor.sock"), trusted=trusted,
-                          state_dir=state_dir, extra_args=("--poll-interval", "0.3", "--broker-wait", "1",
-                                                           "--call-timeout", "20", *extra),
+    return start_executor(node_id=os.urandom(28).hex(), tee=tee, socket_path=str(folder / "executor.sock"),
+                          trusted=trusted, broker=broker,
+                          extra_args=("--poll-interval", "0.3", "--broker-wait", "1", "--call-timeout", "20", *extra),
                           wrapper=wrapper)  # fmt: skip
 
 
 def stop(ex: ExecutorProcess) -> None:
-    ex.process.terminate()
-    try:
-        ex.process.wait(5)
-    except subprocess.TimeoutExpired:
-        ex.process.kill()
+    stop_executor(ex)
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     state_dir = tmp_path_factory.mktemp("exec-state")
     service = make_service(state_dir)
-    ex = launch(state_dir)
+    broker = EmbeddedBroker.start(state_dir)
+    ex = launch(broker)
     try:
-        yield Env(service, state_dir, ex, ExecutorClient(ex.socket))
+        yield Env(service, state_dir, ex, ExecutorClient(ex.socket), broker)
     finally:
         stop(ex)
+        broker.stop()

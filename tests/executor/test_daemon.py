@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,12 +16,12 @@ import pytest
 
 from enclave_actors import protocol
 from enclave_actors.device import request_evidence
-from enclave_actors.keys import UnsafeLocalKeyReleaser, bump_revocation_epoch
 from enclave_actors.shim import ExecutorClient
 from ray_confidential.attestation.binding import Binding
 from ray_confidential.bundle import Bundle, from_callable
 from ray_confidential.domains import DomainPolicy
 from ray_confidential.errors import AttestationError, KeyReleaseDenied, SealedTaskError
+from ray_confidential.kbs.embedded import EmbeddedBroker
 from tests.executor import conf_funcs
 from tests.executor.conftest import Env, launch, make_service, stop
 
@@ -92,22 +91,28 @@ def test_a2_replaced_source_gets_no_key(env: Env) -> None:
     assert reply.header["status"] == "ok" and env.open(reply.frames[0]) == {"sum": 3.0}
     # (b) The replaced source under its own digest: not approved, no key, audited denial.
     sealed2 = env.seal(np.arange(3.0), "approved")
-    with pytest.raises(KeyReleaseDenied, match="not approved by domain 'approved'"):
+    with pytest.raises(KeyReleaseDenied, match="refused a token"):
         fresh.call(evil, domain="approved", inputs=[sealed2], args=[["s", 0]])
-    audit = [json.loads(line) for line in env.audit().splitlines()]
-    assert any(r["event"] == "call_denied" and r["bundle"] == evil.digest_hex for r in audit)
+    audit = env.audit()
+    assert any(r["event"] == "attest" and r["decision"] == "deny"
+               and f"bundle {evil.digest_hex} is not approved by domain 'approved'" in r["reason"] for r in audit)  # fmt: skip
     from ray_confidential.sealed.format import SealedHeader
 
     oid = SealedHeader.parse(sealed2).object_id.hex()
     assert not any(r.get("object_id") == oid for r in audit), "a key was released for the denied call"
+    genuine_oid = SealedHeader.parse(sealed).object_id.hex()
+    assert any(r["event"] == "unwrap" and r["decision"] == "grant" and r["object_id"] == genuine_oid
+               for r in audit), "the genuine call's key must come from the broker"  # fmt: skip
 
 
 def test_a3_unapproved_bundle_and_foreign_domain(env: Env) -> None:
     sealed = env.seal(np.arange(3.0), "strict")
-    with pytest.raises(KeyReleaseDenied, match="not approved by domain 'strict'"):
+    with pytest.raises(KeyReleaseDenied, match="refused a token"):
         env.client.call(TOTAL, domain="exec-a", inputs=[sealed], args=[["s", 0]])
-    with pytest.raises(KeyReleaseDenied, match="not approved"):
+    with pytest.raises(KeyReleaseDenied, match="refused a token"):
         env.client.call(TOTAL, domain="strict", inputs=[], args=[["j", [1]]])
+    reasons = [r["reason"] for r in env.audit() if r["event"] == "attest" and r["decision"] == "deny"]
+    assert any(f"bundle {TOTAL.digest_hex} is not approved by domain 'strict'" in r for r in reasons)
     # Another owner's domain (held by a different key service): the broker knows nothing of it.
     other = make_service(env.state_dir.parent / "other-owner")
     with warnings.catch_warnings():
@@ -118,7 +123,7 @@ def test_a3_unapproved_bundle_and_foreign_domain(env: Env) -> None:
     foreign = bytes(
         seal(np.arange(2.0), DomainPublicKey(domain="other-owner-domain", version=1, public_key=d.public_key))
     )
-    with pytest.raises(KeyReleaseDenied):
+    with pytest.raises(KeyReleaseDenied, match="unknown domain 'other-owner-domain'"):
         env.client.call(TOTAL, domain="exec-a", inputs=[foreign], args=[["s", 0]])
 
 
@@ -182,29 +187,27 @@ def test_params_size_limit(env: Env) -> None:
 
 def test_a6_a7_device_answers_only_the_executor(env: Env) -> None:
     binding = Binding(nonce=os.urandom(32), executor_public_key=os.urandom(32),
-                      hpke_suite="X25519-HKDF-SHA256-AES-256-GCM", cluster_id="dev", bundle_digest=bytes(32))  # fmt: skip
+                      hpke_suite="x25519", cluster_id="dev", bundle_digest=bytes(32))  # fmt: skip
     with pytest.raises(AttestationError, match="refused"):
         request_evidence(env.executor.device_socket, binding)  # same user, other process
     assert oct(os.stat(env.executor.device_socket).st_mode & 0o777) == "0o600"
     code = ("from enclave_actors.device import request_evidence\n"
             "from ray_confidential.attestation.binding import Binding\nimport os\n"
             f"request_evidence({env.executor.device_socket!r}, Binding(nonce=bytes(32), executor_public_key=bytes(32), "
-            "hpke_suite='X25519-HKDF-SHA256-AES-256-GCM', cluster_id='dev', bundle_digest=bytes(32)))")  # fmt: skip
+            "hpke_suite='x25519', cluster_id='dev', bundle_digest=bytes(32)))")  # fmt: skip
     out = subprocess.run([*NOBODY, sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode != 0 and "AttestationError" in out.stderr
 
 
-def test_a6_executor_memory_is_not_readable(tmp_path: Path) -> None:
+def test_a6_executor_memory_is_not_readable(env: Env) -> None:
     """/proc/PID/mem of the executor and its workers: refused to a process of the same user with the
     same capabilities (none of CAP_SYS_PTRACE / CAP_DAC_OVERRIDE), while the same attacker reads an
     ordinary (dumpable) process started the same way: only non-dumpability protects the executor."""
-    service = make_service(tmp_path / "state")
-    ex = launch(tmp_path / "state", wrapper=tuple(DROP_PRIVS))
+    ex = launch(env.broker, wrapper=tuple(DROP_PRIVS))
     code = "import time; m=b'CONTROL-MARK'*2; time.sleep(30)"
     control = subprocess.Popen([*DROP_PRIVS, sys.executable, "-c", code])
     try:
         client = ExecutorClient(ex.socket)
-        env = Env(service, tmp_path / "state", ex, client)
         worker_pid = env.open(client.call(from_callable(conf_funcs.pid_and_keys), domain="exec-a"))["pid"]
         time.sleep(0.3)
         ctl = _attack(DROP_PRIVS, control.pid, "CONTROL-MARK" * 2)
@@ -224,48 +227,74 @@ def _attack(prefix: list[str], pid: int, marker: str) -> dict:
     return dict(json.loads(out.stdout))
 
 
-def test_revocation_drops_keys_and_workers(tmp_path: Path) -> None:
+def _wait_no_workers(client: ExecutorClient, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while client.request({"op": "stats"}).header["workers"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.request({"op": "stats"}).header["workers"] == {}
+
+
+def test_revocation_and_unreachable_broker(tmp_path: Path) -> None:
+    """A revocation at the broker drops the executor's keys and workers within the poll interval; an
+    unreachable broker makes it fail closed after the bounded wait; a revoked node gets nothing more."""
     service = make_service(tmp_path / "state")
-    ex = launch(tmp_path / "state")
+    broker = EmbeddedBroker.start(tmp_path / "state")
+    ex = launch(broker)
     try:
         client = ExecutorClient(ex.socket)
+        env = Env(service, tmp_path / "state", ex, client, broker)
         pk = from_callable(conf_funcs.pid_and_keys)
-        first = Env(service, tmp_path / "state", ex, client).open(client.call(pk, domain="exec-a"))
-        bump_revocation_epoch(tmp_path / "state")
-        deadline = time.monotonic() + 5
-        while client.request({"op": "stats"}).header["workers"] and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert client.request({"op": "stats"}).header["workers"] == {}
+        first = env.open(client.call(pk, domain="exec-a"))
+        broker.revoke("bundle", "ff" * 32)  # someone else's bundle: the epoch moves, this node stays good
+        _wait_no_workers(client)
         time.sleep(0.2)
-        assert "revocation epoch" in (Path(ex.socket).parent / "executor.log").read_text()
+        assert "revocation epoch" in Path(ex.log).read_text()
         with pytest.raises(ProcessLookupError):
             os.kill(first["pid"], 0)
-        # (Unavailable broker) the dev broker's state cannot be read: fail closed after the bounded wait.
-        epoch = tmp_path / "state" / UnsafeLocalKeyReleaser.REVOCATION_FILE
-        epoch.unlink()
-        epoch.mkdir()
-        time.sleep(2.0)
+        # Unreachable broker: fail closed after the bounded wait (1 s here), recover when it answers.
+        broker.pause()
+        time.sleep(1.8)
         with pytest.raises(KeyReleaseDenied, match="unreachable"):
             client.call(pk, domain="exec-a")
-        shutil.rmtree(epoch)
+        broker.resume()
         time.sleep(0.8)
-        assert "pid" in Env(service, tmp_path / "state", ex, client).open(client.call(pk, domain="exec-a"))
+        assert "pid" in env.open(client.call(pk, domain="exec-a"))
+        # Revoking the node: workers stop, the next call gets no token (audited at the broker).
+        broker.revoke("node", ex.node_id)
+        _wait_no_workers(client)
+        with pytest.raises(KeyReleaseDenied, match="refused a token"):
+            client.call(pk, domain="exec-a")
+        assert any(r["event"] == "attest" and r["decision"] == "deny" and "revoked node" in r["reason"]
+                   and r["node_id"] == ex.node_id for r in broker.audit_records())  # fmt: skip
     finally:
         stop(ex)
+        broker.stop()
 
 
-def test_untrusted_device_gets_no_token(tmp_path: Path) -> None:
+def test_untrusted_device_gets_no_token(env: Env) -> None:
     """A7: a node whose 'TEE' signs under a root the broker does not trust gets nothing."""
-    service = make_service(tmp_path / "state")
-    ex = launch(tmp_path / "state", trusted=False)
+    ex = launch(env.broker, trusted=False)
     try:
         client = ExecutorClient(ex.socket)
-        env = Env(service, tmp_path / "state", ex, client)
-        with pytest.raises(KeyReleaseDenied, match="attestation failed"):
+        with pytest.raises(KeyReleaseDenied, match="refused a token"):
             client.call(TOTAL, domain="exec-a", inputs=[env.seal(np.arange(2.0))], args=[["s", 0]])
-        assert '"attest_denied"' in env.audit()
+        denials = [r for r in env.audit() if r["event"] == "attest" and r.get("node_id") == ex.node_id]
+        assert denials and all(r["decision"] == "deny" for r in denials)
+        assert not any(r["event"] == "unwrap" and r.get("node_id") == ex.node_id for r in env.audit())
     finally:
         stop(ex)
+
+
+def test_launch_data_must_be_private(env: Env, tmp_path: Path) -> None:
+    """Launch data pins the broker: an executor refuses a file other users could read or replace."""
+    loose = tmp_path / "launch.json"
+    loose.write_bytes(env.broker.launch_path.read_bytes())
+    loose.chmod(0o644)
+    out = subprocess.run([sys.executable, "-m", "enclave_actors.cli", "executor", "--socket", str(tmp_path / "s"),
+                          "--tee", "sev-snp", "--node-id", "ab", "--launch-data", str(loose)],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)  # fmt: skip
+    assert out.returncode == 2 and "0600" in out.stderr
+    assert oct(env.broker.launch_path.stat().st_mode & 0o777) == "0o600"
 
 
 def test_executor_is_hardened(env: Env) -> None:
@@ -286,3 +315,35 @@ def test_protocol_limits() -> None:
         protocol.recv(b)
     a.close()
     b.close()
+
+
+def test_actor_lives_with_its_connection_and_keeps_to_its_domains(env: Env) -> None:
+    bundle = from_callable(conf_funcs.Accumulator)
+    owner = ExecutorClient(env.executor.socket)  # the shim actor's dedicated connection
+    state = owner.actor_create(bundle, domain="exec-a", inputs=[env.seal(np.array([1.0]))], args=[["s", 0]])
+    assert state["tee"] == "sev-snp" and state["attested_until"] > time.time()
+    out, _ = owner.actor_call(state["actor_id"], "add", inputs=[env.seal(np.arange(3.0))], args=[["s", 0]])
+    assert env.open(out) == 4.0
+    pid = env.open(owner.actor_call(state["actor_id"], "where")[0])["pid"]
+    # Another connection cannot drive it; an input of another domain never enters its process.
+    other = ExecutorClient(env.executor.socket)
+    with pytest.raises(ValueError, match="no such actor"):
+        other.actor_call(state["actor_id"], "add", args=[["j", [1]]])
+    with pytest.raises(KeyReleaseDenied, match="domains never share a process"):
+        owner.actor_call(
+            state["actor_id"], "add", inputs=[env.seal(np.arange(2.0), "exec-b")], args=[["s", 0]]
+        )
+    with pytest.raises(ValueError, match="public method"):
+        owner.actor_call(state["actor_id"], "__init__", args=[["j", 0]])
+    with pytest.raises(SealedTaskError):  # a function bundle is not a class
+        owner.actor_create(TOTAL, domain="exec-a", args=[["j", [1]]])
+    owner.close()  # the Ray actor died: its subprocess ends
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

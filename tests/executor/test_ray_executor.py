@@ -1,7 +1,8 @@
-"""Confidential calls through Ray: shim + executor on a simulated TEE node, and the Ray-side attacks.
+"""Confidential calls and enclave actors through Ray, keys from the embedded broker over gRPC.
 
-One small Cluster for the module: a head (ordinary node), a trusted sev-snp node and a node that
-claims tdx but cannot attest.
+One small Cluster for the module: a head (ordinary node, small object store that spills), a trusted
+sev-snp node added before ``rc.init`` and a node that claims tdx but cannot attest, added after it
+(both orders share the embedded broker of this process). The node revocation test runs last.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from ray.cluster_utils import Cluster
 
 import ray_confidential as rc
 from ray_confidential.errors import KeyReleaseDenied, SealedTaskError
-from ray_confidential.testing import add_tee_node
+from ray_confidential.kbs import embedded
+from ray_confidential.testing import add_tee_node, scan
 from ray_confidential.testing.scan import files_containing, plasma_contains
 from ray_confidential.testing.tee_node import EXECUTORS, stop_executors
 from tests.executor import conf_funcs
 from tests.executor.attacker import read_memory
+from tests.ray_helpers import spill_config
 
 REPO = Path(__file__).resolve().parents[2]
 DROP_PRIVS = ["setpriv", "--bounding-set=-sys_ptrace,-dac_override,-dac_read_search", "--inh-caps=-all"]
@@ -39,27 +42,41 @@ def _snp(fn: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[dict[str, Any]]:
-    c = Cluster(initialize_head=True, head_node_args={"include_dashboard": False, "num_cpus": 1})
-    tee = add_tee_node(c, tee="sev-snp", num_cpus=2)
-    liar = add_tee_node(c, tee="tdx", trusted=False, num_cpus=1)
-    rc.init(address=c.address, dev=True)
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    spill = tmp_path_factory.mktemp("spill")
+    c = Cluster(initialize_head=True, head_node_args={**spill_config(spill), "num_cpus": 1})
+    tee = add_tee_node(c, tee="sev-snp", num_cpus=2, object_store_memory=80 << 20,
+                       executor_args=("--poll-interval", "0.5"))  # fmt: skip
+    rc.init(address=c.address, dev=True)  # after one node joined ...
+    liar = add_tee_node(
+        c, tee="tdx", trusted=False, num_cpus=1, object_store_memory=80 << 20
+    )  # ... one after
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rc.create_domain("exec-a")
+        rc.create_domain("exec-a")  # created after the broker started: it serves it at once
+    broker = embedded.current()
+    assert broker is not None and EXECUTORS[tee.node_id].broker is broker is EXECUTORS[liar.node_id].broker
     try:
-        yield {"cluster": c, "tee": tee, "liar": liar, "executor": EXECUTORS[tee.node_id]}
+        yield {"cluster": c, "tee": tee, "liar": liar, "executor": EXECUTORS[tee.node_id], "broker": broker,
+               "spill": spill}  # fmt: skip
     finally:
         rc.shutdown()
         ray.shutdown()
         stop_executors()
         c.shutdown()
+    assert embedded.current() is None, "the embedded broker outlived its last user"
 
 
 def test_confidential_call_and_context(cluster: dict[str, Any]) -> None:
-    ref = _snp(conf_funcs.total).remote(rc.put(np.arange(6.0), domain="exec-a"), 2)
+    arg = rc.put(np.arange(6.0), domain="exec-a")
+    ref = _snp(conf_funcs.total).remote(arg, 2)
     assert isinstance(ref, rc.SealedRef)
     assert rc.get(ref) == {"sum": 30.0}
+    # The data key came from the broker over gRPC: a grant record names this object and node.
+    grants = [
+        r for r in cluster["broker"].audit_records() if r["event"] == "unwrap" and r["decision"] == "grant"
+    ]
+    assert any(r["object_id"] == arg.object_id and r["node_id"] == cluster["tee"].node_id for r in grants)
     where = rc.get(_snp(conf_funcs.where).remote())
     assert where["node_id"] == cluster["tee"].node_id and where["tee"] == "sev-snp"
     assert where["bundle"] == conf_funcs.where.bundle.digest_hex and where["domains"] == ["exec-a"]
@@ -75,9 +92,15 @@ def test_arrow_input(cluster: dict[str, Any]) -> None:
 
 
 def test_a7_node_claiming_tee_labels_gets_no_key(cluster: dict[str, Any]) -> None:
-    ref = conf_funcs.total.options(tee="tdx").remote(rc.put(np.arange(3.0), domain="exec-a"))
-    with pytest.raises(KeyReleaseDenied, match="attestation failed"):
+    arg = rc.put(np.arange(3.0), domain="exec-a")
+    ref = conf_funcs.total.options(tee="tdx").remote(arg)
+    with pytest.raises(KeyReleaseDenied, match="refused a token"):
         rc.get(ref)
+    liar = cluster["liar"].node_id
+    records = cluster["broker"].audit_records()
+    denied = [r for r in records if r["event"] == "attest" and r.get("node_id") == liar]
+    assert denied and all(r["decision"] == "deny" for r in denied), "the liar's attempt must be audited"
+    assert not any(r.get("object_id") == arg.object_id and r.get("decision") == "grant" for r in records)
 
 
 def _ray_worker_pids() -> list[int]:
@@ -98,11 +121,53 @@ def _plain_leak(text: str) -> None:
     raise RuntimeError("raised " + text)
 
 
+KV_NAMESPACES = (None, "", "fun", "session", "jobs", "job", "dashboard", "cluster", "runtime_env", "actor",
+                 "tracing", "export")  # fmt: skip
+
+
+def _kv_blob() -> bytes:
+    """Every key and value of the GCS internal KV in the namespaces Ray uses."""
+    from ray.experimental import internal_kv as kv
+
+    parts = []
+    for ns in KV_NAMESPACES:
+        try:
+            keys = kv._internal_kv_list(b"", namespace=ns)
+        except Exception:
+            continue
+        for key in keys:
+            parts += [key, kv._internal_kv_get(key, namespace=ns) or b""]
+    return b"\0".join(parts)
+
+
+def _control_fn(text: str) -> Any:
+    """A plain task whose pickled closure (in GCS internal KV) carries ``text``."""
+
+    def body() -> str:
+        return text
+
+    return ray.remote(body)
+
+
+def _pids(name: bytes) -> list[int]:
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if name in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(int(pid))
+        except OSError:
+            continue
+    return out
+
+
 def test_plaintext_marker_scan(cluster: dict[str, Any], capfd: pytest.CaptureFixture[str]) -> None:
+    """A confidential call that prints its plaintext and raises with it leaves the plaintext nowhere
+    Ray keeps data; the same scans find a plain control's plaintext (proving they can see)."""
     secret = "SECRETMARK-" + os.urandom(6).hex()
     control = "CONTROLMARK-" + os.urandom(6).hex()
+    sealed_arg = rc.put(secret.encode() * 4096, domain="exec-a")  # in plasma (~64 KiB), then spilled
     with pytest.raises(SealedTaskError) as info:
-        rc.get(_snp(conf_funcs.leak).remote(rc.put(secret.encode(), domain="exec-a")))
+        rc.get(_snp(conf_funcs.leak).remote(sealed_arg))
     err = info.value
     assert secret not in str(err) and secret not in repr(err)
     assert (
@@ -111,7 +176,14 @@ def test_plaintext_marker_scan(cluster: dict[str, Any], capfd: pytest.CaptureFix
     with pytest.raises(ray.exceptions.RayTaskError) as ctl_info:
         ray.get(_plain_leak.remote(control))
     assert control in str(ctl_info.value)
-    ray.put(control.encode() * 4)
+    assert ray.get(_control_fn(control).remote()) == control
+    held = ray.put(control.encode() * 4096)
+    # Force spilling: fill the head's 80 MiB object store (the sealed input and the control spill).
+    fillers = [ray.put(np.zeros(20 << 20, dtype=np.uint8)) for _ in range(6)]
+    spill = cluster["spill"]
+    assert scan.files_containing(spill, control.encode()), "the control must be spilled (scan sees it)"
+    assert not scan.files_containing(spill, secret.encode())
+    del fillers
     time.sleep(1.5)  # let log monitors flush
     session = Path(cluster["cluster"].head_node.get_session_dir_path())
     out = capfd.readouterr()
@@ -120,13 +192,24 @@ def test_plaintext_marker_scan(cluster: dict[str, Any], capfd: pytest.CaptureFix
     assert files_containing(session / "logs", control.encode()), "the scan must see the control's logs"
     assert not files_containing(session / "logs", secret.encode())
     assert not files_containing(Path(cluster["executor"].socket).parent, secret.encode())
+    in_plasma = ray.put(control.encode() * 4096)  # the first control copy may have been spilled out
     assert plasma_contains(control.encode()) and not plasma_contains(secret.encode())
+    del in_plasma
+    # GCS internal KV (function table, job and session data) and job info.
+    kv = _kv_blob()
+    assert control.encode() in kv, "the KV scan must see the control's pickled closure"
+    assert secret.encode() not in kv
+    jobs = json.dumps(ray._private.state.state.job_table(), default=repr)
+    assert ray.get_runtime_context().get_job_id() in jobs, "the job-info scan must see this job"
+    assert secret not in jobs
+    # Memory of every Ray worker, the GCS server and the raylets (dumpable, same user).
     found_control = found_secret = False
-    for pid in _ray_worker_pids():
+    for pid in [*_ray_worker_pids(), *_pids(b"gcs_server"), *_pids(b"raylet")]:
         found_control |= bool(read_memory(pid, control.encode())["found"])
         found_secret |= bool(read_memory(pid, secret.encode())["found"])
-    assert found_control, "the memory scan must see the control's plaintext in a Ray worker"
+    assert found_control, "the memory scan must see the control's plaintext in a Ray process"
     assert not found_secret
+    del held
 
 
 @ray.remote(max_retries=0)
@@ -143,7 +226,7 @@ def _a6_attacker(executor_pid: int) -> dict[str, Any]:
     liar_key = os.urandom(32)  # A7 relay: a non-TEE process's key, to be bound into genuine evidence
     try:
         request_evidence(path + ".device", Binding(nonce=os.urandom(32), executor_public_key=liar_key,
-                         hpke_suite="X25519-HKDF-SHA256-AES-256-GCM", cluster_id="dev", bundle_digest=bytes(32)))  # fmt: skip
+                         hpke_suite="x25519", cluster_id="dev", bundle_digest=bytes(32)))  # fmt: skip
         result["device"] = "evidence obtained"
     except Exception as exc:
         result["device"] = f"{type(exc).__name__}: {exc}"
@@ -170,3 +253,65 @@ def test_a6_ordinary_task_on_tee_node_is_refused(cluster: dict[str, Any]) -> Non
     assert res["forged"][0] == res["forged"][1] == "bad_request"
     assert res["forged"][2] in ("need_bundle", "bad_request")
     assert res["mem"]["opened"] is False
+
+
+def test_enclave_actor_state_lives_in_its_own_subprocess(cluster: dict[str, Any]) -> None:
+    client_socket = cluster["executor"].socket
+    from enclave_actors.shim import ExecutorClient
+
+    stats = ExecutorClient(client_socket)
+    acc = conf_funcs.Accumulator.options(tee="sev-snp").remote(rc.put(np.array([1.0]), domain="exec-a"))
+    assert "Accumulator" in repr(acc)
+    assert rc.get(acc.add.remote(rc.put(np.arange(4.0), domain="exec-a"))) == 7.0
+    assert rc.get(acc.add.remote(rc.put(np.arange(3.0), domain="exec-a"))) == 10.0  # state kept
+    where = rc.get(acc.where.remote())
+    assert where["node_id"] == cluster["tee"].node_id and where["domains"] == ["exec-a"]
+    other = conf_funcs.Accumulator.options(tee="sev-snp").remote(0)
+    assert rc.get(other.add.remote([5])) == 5.0  # a JSON parameter
+    assert rc.get(other.where.remote())["pid"] != where["pid"], "each actor instance has its own subprocess"
+    actors = {
+        k: v for k, v in stats.request({"op": "stats"}).header["workers"].items() if k.startswith("actor:")
+    }
+    assert where["pid"] in actors.values()
+    state = ray.get(acc.trust_state())
+    assert state["repr"].startswith("Enclave[sev-snp pool=- attested-until=20") and state["tee"] == "sev-snp"
+    with pytest.raises(TypeError, match="cannot be instantiated directly"):
+        conf_funcs.Accumulator(1)
+    with pytest.raises(SealedTaskError):
+        rc.get(acc.missing.remote())  # no such method: the sealed detail says so, Ray sees nothing
+    with pytest.raises(AttributeError):
+        acc._private  # noqa: B018 - private names never route to the enclave
+    # The Ray actor dies -> its executor subprocess is gone; the other actor lives on.
+    ray.kill(acc.actor)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(where["pid"], 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    with pytest.raises(ProcessLookupError):
+        os.kill(where["pid"], 0)
+    assert rc.get(other.add.remote([1])) == 6.0
+
+
+def test_zz_revoking_the_node_stops_its_actors_and_calls(cluster: dict[str, Any]) -> None:
+    """Runs last: revokes the trusted node at the broker."""
+    acc = conf_funcs.Accumulator.options(tee="sev-snp").remote(2)
+    pid = rc.get(acc.where.remote())["pid"]
+    cluster["broker"].revoke("node", cluster["tee"].node_id)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the actor's subprocess stopped within the poll interval
+    with pytest.raises(SealedTaskError, match="state is lost"):
+        rc.get(acc.add.remote([1]))
+    with pytest.raises(KeyReleaseDenied, match="refused a token"):
+        rc.get(_snp(conf_funcs.total).remote(rc.put(np.arange(2.0), domain="exec-a")))
+    assert any(r["event"] == "attest" and r["decision"] == "deny" and "revoked node" in r["reason"]
+               for r in cluster["broker"].audit_records())  # fmt: skip
