@@ -65,3 +65,19 @@ def measurement_pins(
 def is_pinned(pins: MeasurementPins) -> bool:
     """True when ``pins`` is a real allow-list (what a production broker requires)."""
     return not isinstance(pins, UnsafeAnyMeasurement)
+
+
+def reference_bytes(value: bytes | str, name: str) -> bytes:
+    """One reference value from a policy file or code: bytes, or a hex string.
+
+    Raises:
+        ValueError: a string that is not hex. TypeError: neither bytes nor a string.
+    """
+    if isinstance(value, str):
+        try:
+            return bytes.fromhex(value)
+        except ValueError as exc:
+            raise ValueError(f"{name} must be hex, e.g. {'00' * 4!r}") from exc
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    raise TypeError(f"{name} must be bytes or a hex string")

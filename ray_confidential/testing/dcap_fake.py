@@ -62,6 +62,7 @@ from ray_confidential.attestation.dcap.abi import (
 from ray_confidential.attestation.dcap.pck import SGX_EXTENSION_OID, encode_sgx_extension
 
 from .evidence import FakeEvidence
+from .x509_fake import issue, key_pem, key_usage
 
 FMSPC = bytes.fromhex("00906ed50000")
 PCE_ID = bytes(2)
@@ -114,39 +115,25 @@ def _cert(
     years: int,
     extensions: Sequence[x509.ExtensionType] = (),
 ) -> x509.Certificate:
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer.subject if issuer is not None else _name(subject))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + timedelta(days=365 * years))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=not ca,
-                content_commitment=not ca,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=ca,
-                crl_sign=ca,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    )
+    exts: list[tuple[x509.ExtensionType, bool]] = [
+        (x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), True),
+        (key_usage(ca=ca, digital_signature=not ca, content_commitment=not ca), True),
+        (x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False),
+    ]
     if issuer is not None:
-        b = b.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()),  # type: ignore[arg-type]
-            critical=False,
-        )
-    for ext in extensions:
-        b = b.add_extension(ext, critical=False)
-    return b.sign(issuer_key, hashes.SHA256())
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key())  # type: ignore[arg-type]
+        exts.append((aki, False))
+    exts.extend((ext, False) for ext in extensions)
+    return issue(
+        _name(subject),
+        key,
+        issuer,
+        issuer_key,
+        not_before=start,
+        not_after=start + timedelta(days=365 * years),
+        extensions=exts,
+        algorithm=hashes.SHA256(),
+    )
 
 
 def _crl(
@@ -182,12 +169,6 @@ def _raw_point(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
 
 
 _ORDER = ("root", "platform_ca", "pck", "tcb_signing")
@@ -276,8 +257,8 @@ class DCAPTestRoot:
         """Certificates and keys as PEM blocks in a fixed order (root, platform CA, PCK, TCB signing, AK)."""
         out = b""
         for name in _ORDER:
-            out += _pem(getattr(self, f"{name}_certificate")) + _key_pem(getattr(self, f"{name}_key"))
-        return out + _key_pem(self.attestation_key)
+            out += _pem(getattr(self, f"{name}_certificate")) + key_pem(getattr(self, f"{name}_key"))
+        return out + key_pem(self.attestation_key)
 
     @classmethod
     def from_pem(cls, data: bytes) -> DCAPTestRoot:

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -43,6 +42,7 @@ from ray_confidential.attestation.nitro.abi import (
     NitroDocument,
 )
 from ray_confidential.testing.evidence import FakeEvidence
+from ray_confidential.testing.x509_fake import ThreeLevelPKI, issue, key_usage
 
 TEE = "nitro"
 DEFAULT_MEASUREMENT = hashlib.sha384(b"ray_confidential simulated nitro enclave image").digest()
@@ -60,7 +60,6 @@ _BREAKS = frozenset(
         "wrong_alg",
     }
 )
-_KEY_PEM = re.compile(rb"-----BEGIN PRIVATE KEY-----.+?-----END PRIVATE KEY-----\s*", re.DOTALL)
 
 
 def _name(cn: str) -> x509.Name:
@@ -85,49 +84,29 @@ def _issue(
     not_before: datetime,
     not_after: datetime,
 ) -> x509.Certificate:
-    issuer_name = _name(subject) if issuer is None else issuer.subject
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=not ca,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=ca,
-                crl_sign=ca,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=ca,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    return issue(
+        _name(subject),
+        key,
+        issuer,
+        issuer_key,
+        not_before=not_before,
+        not_after=not_after,
+        extensions=[
+            (x509.BasicConstraints(ca=ca, path_length=path_length), True),
+            (key_usage(ca=ca, digital_signature=True, content_commitment=not ca), ca),
+            (x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False),
+        ],
+        algorithm=hashes.SHA384(),
     )
-    return builder.sign(issuer_key, hashes.SHA384())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class NitroTestRoot:
+class NitroTestRoot(ThreeLevelPKI):
     """A run-time generated Nitro-like PKI: root, one intermediate, one document-signing leaf.
 
     Private keys never appear in ``repr``; :meth:`to_pem` / :meth:`from_pem` move the whole
     hierarchy to another process as launch data.
     """
-
-    root_certificate: x509.Certificate
-    intermediate_certificate: x509.Certificate
-    leaf_certificate: x509.Certificate
-    root_key: ec.EllipticCurvePrivateKey = field(repr=False)
-    intermediate_key: ec.EllipticCurvePrivateKey = field(repr=False)
-    leaf_key: ec.EllipticCurvePrivateKey = field(repr=False)
 
     @classmethod
     def generate(
@@ -155,45 +134,6 @@ class NitroTestRoot:
             intermediate_key=inter_key,
             leaf_key=leaf_key,
         )
-
-    def to_pem(self) -> bytes:
-        """Certificates (root, intermediate, leaf) then their PKCS#8 private keys, in PEM."""
-        out = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self._certs())
-        for key in (self.root_key, self.intermediate_key, self.leaf_key):
-            out += key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        return out
-
-    @classmethod
-    def from_pem(cls, data: bytes) -> NitroTestRoot:
-        """Inverse of :meth:`to_pem`.
-
-        Raises:
-            ValueError: not three certificates and three matching P-384 keys.
-        """
-        certs = x509.load_pem_x509_certificates(data)
-        keys = [
-            serialization.load_pem_private_key(m.group(0), password=None) for m in _KEY_PEM.finditer(data)
-        ]
-        if len(certs) != 3 or len(keys) != 3:
-            raise ValueError("NitroTestRoot PEM must hold 3 certificates and 3 private keys (see to_pem)")
-        ec_keys: list[ec.EllipticCurvePrivateKey] = []
-        for cert, key in zip(certs, keys, strict=True):
-            if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
-                raise ValueError("NitroTestRoot PEM: private key does not match its certificate")
-            ec_keys.append(key)
-        return cls(
-            root_certificate=certs[0],
-            intermediate_certificate=certs[1],
-            leaf_certificate=certs[2],
-            root_key=ec_keys[0],
-            intermediate_key=ec_keys[1],
-            leaf_key=ec_keys[2],
-        )
-
-    def _certs(self) -> tuple[x509.Certificate, x509.Certificate, x509.Certificate]:
-        return (self.root_certificate, self.intermediate_certificate, self.leaf_certificate)
 
 
 def _der(cert: x509.Certificate) -> bytes:

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -48,6 +47,7 @@ from ray_confidential.attestation.nvidia.abi import (
 from ray_confidential.attestation.nvidia.rim import ReferenceManifest, RIMMeasurement
 from ray_confidential.attestation.nvidia.verify import OID_NVIDIA_FWID_EXTENSION
 from ray_confidential.testing.evidence import FakeEvidence
+from ray_confidential.testing.x509_fake import ThreeLevelPKI, issue, key_usage
 
 TEE = "nvidia-gpu"
 DEFAULT_MEASUREMENT = hashlib.sha384(b"ray_confidential simulated H100 firmware").digest()
@@ -67,7 +67,6 @@ _BREAKS = frozenset(
         "unsigned_request",
     }
 )
-_KEY_PEM = re.compile(rb"-----BEGIN PRIVATE KEY-----.+?-----END PRIVATE KEY-----\s*", re.DOTALL)
 
 
 def _name(cn: str) -> x509.Name:
@@ -104,49 +103,29 @@ def _issue(
     not_after: datetime,
     fwid: bytes | None = None,
 ) -> x509.Certificate:
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn) if issuer is None else issuer.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=not ca,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=ca,
-                crl_sign=ca,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    )
+    extensions: list[tuple[x509.ExtensionType, bool]] = [(key_usage(ca=ca, digital_signature=not ca), True)]
     if ca:
-        b = b.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        extensions.append((x509.BasicConstraints(ca=True, path_length=None), True))
     if fwid is not None:
-        b = b.add_extension(_fwid_extension(key, fwid), critical=False)
-    return b.sign(issuer_key, hashes.SHA384())
+        extensions.append((_fwid_extension(key, fwid), False))
+    return issue(
+        _name(cn),
+        key,
+        issuer,
+        issuer_key,
+        not_before=not_before,
+        not_after=not_after,
+        extensions=extensions,
+        algorithm=hashes.SHA384(),
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class NVIDIATestRoot:
+class NVIDIATestRoot(ThreeLevelPKI):
     """A run-time generated GPU device PKI: root, intermediate, attestation leaf (with its FWID).
 
     Private keys never appear in ``repr``; :meth:`to_pem` / :meth:`from_pem` move it between processes.
     """
-
-    root_certificate: x509.Certificate
-    intermediate_certificate: x509.Certificate
-    leaf_certificate: x509.Certificate
-    root_key: ec.EllipticCurvePrivateKey = field(repr=False)
-    intermediate_key: ec.EllipticCurvePrivateKey = field(repr=False)
-    leaf_key: ec.EllipticCurvePrivateKey = field(repr=False)
 
     @classmethod
     def generate(cls, *, now: datetime | None = None, fwid: bytes | None = None) -> NVIDIATestRoot:
@@ -184,43 +163,6 @@ class NVIDIATestRoot:
         return tuple(
             c.public_bytes(serialization.Encoding.DER)
             for c in (self.leaf_certificate, self.intermediate_certificate, self.root_certificate)
-        )
-
-    def to_pem(self) -> bytes:
-        """Certificates (root, intermediate, leaf) then their PKCS#8 private keys, in PEM."""
-        certs = (self.root_certificate, self.intermediate_certificate, self.leaf_certificate)
-        out = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-        for key in (self.root_key, self.intermediate_key, self.leaf_key):
-            out += key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        return out
-
-    @classmethod
-    def from_pem(cls, data: bytes) -> NVIDIATestRoot:
-        """Inverse of :meth:`to_pem`.
-
-        Raises:
-            ValueError: not three certificates and three matching P-384 keys.
-        """
-        certs = x509.load_pem_x509_certificates(data)
-        keys = [
-            serialization.load_pem_private_key(m.group(0), password=None) for m in _KEY_PEM.finditer(data)
-        ]
-        if len(certs) != 3 or len(keys) != 3:
-            raise ValueError("NVIDIATestRoot PEM must hold 3 certificates and 3 private keys (see to_pem)")
-        ec_keys: list[ec.EllipticCurvePrivateKey] = []
-        for cert, key in zip(certs, keys, strict=True):
-            if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
-                raise ValueError("NVIDIATestRoot PEM: private key does not match its certificate")
-            ec_keys.append(key)
-        return cls(
-            root_certificate=certs[0],
-            intermediate_certificate=certs[1],
-            leaf_certificate=certs[2],
-            root_key=ec_keys[0],
-            intermediate_key=ec_keys[1],
-            leaf_key=ec_keys[2],
         )
 
 

@@ -178,8 +178,8 @@ def test_nitro_test_root_pem_round_trip(root: NitroTestRoot, dev: TrustConfig) -
         ("bad_signature", AttestationError, "signature does not verify"),
         ("tamper_payload", AttestationError, "signature does not verify"),
         ("untrusted_root", AttestationError, "not allow-listed"),
-        ("foreign_leaf", AttestationError, "not signed by the next"),
-        ("drop_intermediate", AttestationError, "not signed by the next"),
+        ("foreign_leaf", AttestationError, "not signed by its issuer"),
+        ("drop_intermediate", AttestationError, "not signed by its issuer"),
         ("expired_leaf", AttestationError, "not valid at"),
         ("extra_field", EvidenceFormatError, "unknown payload field"),
         ("wrong_alg", EvidenceFormatError, "ES384"),
@@ -216,7 +216,7 @@ def test_nitro_chain_cache_never_reused_across_leaf_trust_or_time(
     good = build_evidence(root, report_data=b"")
     nitro.verify_evidence(good.evidence, trust=dev, now=NOW)  # chain now cached
     # Same cabundle, another leaf: a different cache key, so the chain is checked afresh.
-    with pytest.raises(AttestationError, match="not signed by the next"):
+    with pytest.raises(AttestationError, match="not signed by its issuer"):
         nitro.verify_evidence(
             build_evidence(root, report_data=b"", foreign_leaf=True).evidence, trust=dev, now=NOW
         )

@@ -115,3 +115,17 @@ def reject_unknown_keys(d: Mapping[str, Any], allowed: Iterable[str], what: str)
     unknown = set(d) - set(allowed)
     if unknown:
         raise ValueError(f"{what}: unknown policy keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+
+def policy_args(
+    d: Mapping[str, Any], allowed: Iterable[str], *, what: str, pin_field: str, pin_what: str
+) -> dict[str, Any]:
+    """Keyword arguments for a policy class from YAML/JSON ``d``: unknown keys refused, the mandatory
+    measurement allow-list ``pin_field`` (hex values, or ``UNSAFE_ANY``) normalised."""
+    reject_unknown_keys(d, allowed, what)
+    if pin_field not in d:
+        raise ValueError(f"{what} needs {pin_field} (a list of {pin_what} hex values, or UNSAFE_ANY)")
+    args = dict(d)
+    pinned = args.pop(pin_field)
+    args[pin_field] = measurement_pins(pinned if pinned == "UNSAFE_ANY" else list(pinned))
+    return args

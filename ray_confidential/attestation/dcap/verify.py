@@ -33,12 +33,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Generic, Protocol, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -49,6 +46,14 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ray_confidential.attestation.claims import TCB_UNKNOWN
 from ray_confidential.attestation.trust import TrustConfig, fingerprint
+from ray_confidential.attestation.x509chain import (
+    LRUCache,
+    WindowCache,
+    der,
+    is_ca,
+    not_valid_error,
+    valid_at,
+)
 from ray_confidential.errors import AttestationError, EvidenceFormatError
 
 from .abi import CERT_DATA_TYPE_PCK_CERT_CHAIN, INTEL_QE_VENDOR_ID, Quote, TDReport10
@@ -108,12 +113,8 @@ def _parse_certificate_item(data: bytes) -> tuple[x509.Certificate, ...]:
     return certs
 
 
-def _der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(Encoding.DER)
-
-
 def _digest(cert: x509.Certificate) -> bytes:
-    return hashlib.sha256(_der(cert)).digest()
+    return hashlib.sha256(der(cert)).digest()
 
 
 def _ecdsa_verify(key: object, signature_rs: bytes, data: bytes, what: str) -> None:
@@ -129,16 +130,6 @@ def _ecdsa_verify(key: object, signature_rs: bytes, data: bytes, what: str) -> N
         key.verify(der, data, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature as e:
         raise AttestationError(f"{what}: signature does not verify") from e
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return False
-    except ValueError as e:
-        raise EvidenceFormatError(f"malformed certificate extensions: {e}") from e
-    return bool(bc.ca)
 
 
 def _public_key(cert: x509.Certificate) -> object:
@@ -164,50 +155,6 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
-class _Windowed(Protocol):
-    @property
-    def valid_from(self) -> datetime: ...
-
-    @property
-    def valid_until(self) -> datetime: ...
-
-
-V = TypeVar("V", bound=_Windowed)
-
-
-class _WindowCache(Generic[V]):
-    """Small LRU of verification results, reused only while ``now`` lies inside their window."""
-
-    def __init__(self, maxsize: int = 256) -> None:
-        self._data: OrderedDict[tuple[object, ...], V] = OrderedDict()
-        self._lock = threading.Lock()
-        self._maxsize = maxsize
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: tuple[object, ...], now: datetime) -> V | None:
-        with self._lock:
-            value = self._data.get(key)
-            if value is None or not value.valid_from <= now <= value.valid_until:
-                self.misses += 1
-                return None
-            self._data.move_to_end(key)
-            self.hits += 1
-            return value
-
-    def put(self, key: tuple[object, ...], value: V) -> None:
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self._maxsize:
-                self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-            self.hits = self.misses = 0
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VerifiedChain:
     """A certificate path leaf..root whose signatures verified, valid in [valid_from, valid_until]."""
@@ -222,7 +169,7 @@ class VerifiedChain:
         return self.certs[0]
 
 
-_CHAIN_CACHE: _WindowCache[VerifiedChain] = _WindowCache()
+_CHAIN_CACHE: WindowCache[tuple[object, ...], VerifiedChain] = WindowCache()
 
 
 def verify_chain(
@@ -238,7 +185,7 @@ def verify_chain(
     """
     now = _utc(now)
     key = (_digest(leaf), tuple(sorted(_digest(c) for c in pool)), trust.root_fingerprints)
-    cached = _CHAIN_CACHE.get(key, now)
+    cached = _CHAIN_CACHE.get_at(key, now)
     if cached is not None:
         return cached
     path = [leaf]
@@ -249,7 +196,7 @@ def verify_chain(
         issuer = next((c for c in pool if c.subject == current.issuer and _issued_by(current, c)), None)
         if issuer is None:
             raise AttestationError(f"{what}: no issuer certificate for {current.subject.rfc4514_string()}")
-        if not _is_ca(issuer):
+        if not is_ca(issuer):
             raise AttestationError(f"{what}: issuer {issuer.subject.rfc4514_string()} is not a CA")
         path.append(issuer)
         current = issuer
@@ -261,11 +208,8 @@ def verify_chain(
             f"{what}: root {root.subject.rfc4514_string()} (sha256 {fingerprint(root)}) is not allow-listed"
         )
     for cert in path:
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise AttestationError(
-                f"{what}: certificate {cert.subject.rfc4514_string()} is not valid at {now.isoformat()} "
-                f"(valid {cert.not_valid_before_utc.isoformat()} .. {cert.not_valid_after_utc.isoformat()})"
-            )
+        if not valid_at(cert, now):
+            raise not_valid_error(cert, now, what=f"certificate {cert.subject.rfc4514_string()}", label=what)
     result = VerifiedChain(
         certs=tuple(path),
         root_fingerprint=fingerprint(root),
@@ -293,7 +237,7 @@ class VerifiedCollateral:
     valid_until: datetime
 
 
-_COLLATERAL_CACHE: _WindowCache[VerifiedCollateral] = _WindowCache()
+_COLLATERAL_CACHE: WindowCache[tuple[object, ...], VerifiedCollateral] = WindowCache()
 
 
 def _load_crl(der: bytes, what: str) -> x509.CertificateRevocationList:
@@ -346,7 +290,7 @@ def verify_collateral(collateral: bytes, *, trust: TrustConfig, now: datetime) -
     """
     now = _utc(now)
     key = (hashlib.sha256(bytes(collateral)).digest(), trust.root_fingerprints)
-    cached = _COLLATERAL_CACHE.get(key, now)
+    cached = _COLLATERAL_CACHE.get_at(key, now)
     if cached is not None:
         return cached
     col = QuoteCollateralV3.from_bytes(collateral)
@@ -436,7 +380,7 @@ def _pck_certs(quote: Quote, certs: Sequence[bytes]) -> tuple[x509.Certificate, 
         if not embedded:
             raise EvidenceFormatError("quote certification data holds no certificate")
         return embedded[0], embedded[1:] + extra
-    leaves = [c for c in extra if not _is_ca(c)]
+    leaves = [c for c in extra if not is_ca(c)]
     if not leaves:
         raise AttestationError(
             f"quote certification data type {cd.cert_type} carries no PCK chain; "
@@ -445,38 +389,8 @@ def _pck_certs(quote: Quote, certs: Sequence[bytes]) -> tuple[x509.Certificate, 
     return leaves[0], [c for c in extra if c is not leaves[0]]
 
 
-class _SeenCache:
-    """Small LRU set of exact inputs whose signature verified (a pure function of those bytes)."""
-
-    def __init__(self, maxsize: int = 256) -> None:
-        self._data: OrderedDict[tuple[bytes, ...], None] = OrderedDict()
-        self._lock = threading.Lock()
-        self._maxsize = maxsize
-        self.hits = 0
-        self.misses = 0
-
-    def seen(self, key: tuple[bytes, ...]) -> bool:
-        with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                self.hits += 1
-                return True
-            self.misses += 1
-            return False
-
-    def add(self, key: tuple[bytes, ...]) -> None:
-        with self._lock:
-            self._data[key] = None
-            while len(self._data) > self._maxsize:
-                self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-            self.hits = self.misses = 0
-
-
-_QE_REPORT_CACHE = _SeenCache()
+# Exact (PCK leaf, QE report, signature) inputs whose signature verified (a pure function of those bytes).
+_QE_REPORT_CACHE: LRUCache[tuple[bytes, ...], bool] = LRUCache()
 
 
 def clear_caches() -> None:
@@ -518,7 +432,7 @@ def verify_quote(
     # (2) PCK chain
     leaf, pool = _pck_certs(quote, certs)
     chain = verify_chain(leaf, pool, trust=trust, now=now, what="PCK chain")
-    if _is_ca(leaf):
+    if is_ca(leaf):
         raise AttestationError("PCK leaf is a CA certificate")
     pck = pck_extension(leaf)
     # (3) QE report signed by the PCK key. The QE report (it binds the attestation key, not the
@@ -526,9 +440,9 @@ def verify_quote(
     # the exact (PCK leaf, report, signature) bytes, so a different leaf or any changed byte verifies afresh.
     qe_report = sig.qe.qe_report.to_bytes()
     qe_key = (_digest(leaf), qe_report, sig.qe.qe_report_signature)
-    if not _QE_REPORT_CACHE.seen(qe_key):
+    if _QE_REPORT_CACHE.get(qe_key) is None:
         _ecdsa_verify(_public_key(leaf), sig.qe.qe_report_signature, qe_report, "QE report")
-        _QE_REPORT_CACHE.add(qe_key)
+        _QE_REPORT_CACHE.put(qe_key, True)
     if sig.qe.qe_report.debug:
         raise AttestationError("the quoting enclave runs in debug mode")
     # (4) QE report binds the attestation key

@@ -32,6 +32,7 @@ from ray_confidential.attestation.reference import (
     MeasurementPins,
     is_pinned,
     measurement_pins,
+    reference_bytes,
 )
 
 TEE = "nitro"
@@ -39,17 +40,6 @@ TEE = "nitro"
 
 def _hex(value: bytes | None) -> str:
     return "null" if value is None else value.hex()
-
-
-def _as_bytes(value: bytes | str, name: str) -> bytes:
-    if isinstance(value, str):
-        try:
-            return bytes.fromhex(value)
-        except ValueError as exc:
-            raise ValueError(f"{name} must be hex, e.g. {'00' * 4!r}") from exc
-    if isinstance(value, bytes | bytearray):
-        return bytes(value)
-    raise TypeError(f"{name} must be bytes or a hex string")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,11 +110,13 @@ class Policy:
 
         def opt(name: str) -> bytes | None:
             value = d.get(name)
-            return None if value is None else _as_bytes(value, name)
+            return None if value is None else reference_bytes(value, name)
 
         return cls(
             measurements=pins,
-            pcrs=None if pcrs is None else {int(k): _as_bytes(v, f"pcrs[{k}]") for k, v in pcrs.items()},
+            pcrs=None
+            if pcrs is None
+            else {int(k): reference_bytes(v, f"pcrs[{k}]") for k, v in pcrs.items()},
             allow_debug=allow_debug,
             expected_nonce=opt("expected_nonce"),
             expected_user_data=opt("expected_user_data"),

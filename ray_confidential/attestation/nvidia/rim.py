@@ -40,6 +40,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from ray_confidential.attestation.trust import TrustConfig, fingerprint
+from ray_confidential.attestation.x509chain import (
+    check_signed_by,
+    is_ca,
+    not_valid_error,
+    require_aware,
+    touch,
+    valid_at,
+)
 from ray_confidential.errors import AttestationError, EvidenceFormatError
 
 MAX_RIM_SIZE: Final = 256 * 1024
@@ -52,6 +60,9 @@ C14N11: Final = "http://www.w3.org/2006/12/xml-c14n11"
 ENVELOPED: Final = "http://www.w3.org/2000/09/xmldsig#enveloped-signature"
 ECDSA_SHA384: Final = "http://www.w3.org/2001/04/xmldsig-more#ecdsa-sha384"
 DIGEST_SHA384: Final = "http://www.w3.org/2001/04/xmldsig-more#sha384"
+
+
+_RIM: Final = "nvidia RIM"
 
 
 def _fail(msg: str) -> EvidenceFormatError:
@@ -341,8 +352,7 @@ def verify_rim_signature(data: bytes, *, trust: TrustConfig, now: datetime) -> R
         EvidenceFormatError: malformed XML, unsupported signature profile.
         AttestationError: digest or signature mismatch, chain not to an allow-listed root, expired.
     """
-    if not isinstance(now, datetime) or now.tzinfo is None:
-        raise ValueError("now must be a timezone-aware datetime")
+    require_aware(now)
     root = _parse_xml(data)
     sig = _one(root, NS_DSIG, "Signature")
     signed_info = _one(sig, NS_DSIG, "SignedInfo")
@@ -365,15 +375,9 @@ def verify_rim_signature(data: bytes, *, trust: TrustConfig, now: datetime) -> R
     x509_data = _one(_one(sig, NS_DSIG, "KeyInfo"), NS_DSIG, "X509Data")
     try:
         certs = [
-            x509.load_der_x509_certificate(_b64(c.text())) for c in x509_data.find(NS_DSIG, "X509Certificate")
+            touch(x509.load_der_x509_certificate(_b64(c.text())))
+            for c in x509_data.find(NS_DSIG, "X509Certificate")
         ]
-        for cert in certs:  # force cryptography's lazy parsing now
-            _ = (
-                cert.subject.rfc4514_string(),
-                cert.issuer.rfc4514_string(),
-                cert.extensions,
-                cert.public_key(),
-            )
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise _fail("bad certificate in KeyInfo") from exc
     if not 1 <= len(certs) <= 8:
@@ -402,19 +406,10 @@ def _verify_rim_chain(certs: list[x509.Certificate], *, trust: TrustConfig, now:
     if not trust.is_allowed_root(chain[-1]):
         raise AttestationError(f"nvidia RIM: root {fingerprint(chain[-1])} is not allow-listed")
     for i, cert in enumerate(chain):
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise AttestationError(
-                f"nvidia RIM: certificate {cert.subject.rfc4514_string()} not valid at {now}"
-            )
+        what = f"certificate {cert.subject.rfc4514_string()}"
+        if not valid_at(cert, now):
+            raise not_valid_error(cert, now, what=what, label=_RIM)
         issuer = chain[i + 1] if i + 1 < len(chain) else cert
-        try:
-            cert.verify_directly_issued_by(issuer)
-        except (ValueError, TypeError, InvalidSignature) as exc:
-            raise AttestationError("nvidia RIM: certificate chain signature does not verify") from exc
-        if i > 0:
-            try:
-                bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-            except x509.ExtensionNotFound:
-                bc = x509.BasicConstraints(ca=False, path_length=None)
-            if not bc.ca:
-                raise AttestationError("nvidia RIM: chain certificate is not a CA")
+        check_signed_by(cert, issuer, what=what, label=_RIM)
+        if i > 0 and not is_ca(cert, label=_RIM):
+            raise AttestationError("nvidia RIM: chain certificate is not a CA")

@@ -29,21 +29,15 @@ from typing import Any
 from ray_confidential.attestation.claims import VerifiedClaims, Violation
 from ray_confidential.attestation.nvidia.abi import NONCE_SIZE
 from ray_confidential.attestation.nvidia.rim import ReferenceManifest, parse_rim
-from ray_confidential.attestation.reference import MeasurementPins, is_pinned, measurement_pins
+from ray_confidential.attestation.reference import (
+    MeasurementPins,
+    is_pinned,
+    measurement_pins,
+    reference_bytes,
+)
 
 TEE = "nvidia-gpu"
 DIGEST_SIZE = 48
-
-
-def _as_bytes(value: bytes | str, name: str) -> bytes:
-    if isinstance(value, str):
-        try:
-            return bytes.fromhex(value)
-        except ValueError as exc:
-            raise ValueError(f"{name} must be hex, e.g. {'00' * 4!r}") from exc
-    if isinstance(value, bytes | bytearray):
-        return bytes(value)
-    raise TypeError(f"{name} must be bytes or a hex string")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,10 +131,10 @@ class Policy:
 
         return cls(
             measurements=measurement_pins(raw if raw == "UNSAFE_ANY" else list(raw)),
-            expected_nonce=None if nonce is None else _as_bytes(nonce, "expected_nonce"),
+            expected_nonce=None if nonce is None else reference_bytes(nonce, "expected_nonce"),
             measurement_values=None
             if values is None
-            else {int(k): _as_bytes(v, f"measurement_values[{k}]") for k, v in values.items()},
+            else {int(k): reference_bytes(v, f"measurement_values[{k}]") for k, v in values.items()},
             rims=tuple(parse_rim(r.encode() if isinstance(r, str) else r) for r in rims),
             require_rim=d.get("require_rim", False),
             driver_versions=versions("driver_versions"),

@@ -30,9 +30,6 @@ is a single signed GET_MEASUREMENTS exchange).
 
 from __future__ import annotations
 
-import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -46,6 +43,15 @@ from cryptography.x509.oid import NameOID
 from ray_confidential.attestation.claims import VerifiedClaims
 from ray_confidential.attestation.nvidia.abi import GPUAttestationReport, parse_report
 from ray_confidential.attestation.trust import TrustConfig, certificate_errors_are_format_errors, fingerprint
+from ray_confidential.attestation.x509chain import (
+    LRUCache,
+    der,
+    der_digest,
+    is_ca,
+    require_aware,
+    touch,
+    verify_path,
+)
 from ray_confidential.errors import AttestationError, EvidenceFormatError
 
 TEE = "nvidia-gpu"
@@ -61,20 +67,6 @@ def _fail(msg: str) -> AttestationError:
     return AttestationError(f"nvidia-gpu: {msg}")
 
 
-def _check_now(now: datetime) -> None:
-    if not isinstance(now, datetime) or now.tzinfo is None:
-        raise ValueError("now must be a timezone-aware datetime, e.g. datetime.now(timezone.utc)")
-
-
-def _touch(cert: x509.Certificate) -> x509.Certificate:
-    """Force cryptography's lazy parsing of every field used later (a bad field is a format error)."""
-    cert.subject.rfc4514_string()
-    cert.issuer.rfc4514_string()
-    _ = cert.extensions, cert.not_valid_before_utc, cert.not_valid_after_utc
-    _ = cert.signature_hash_algorithm, cert.public_key()
-    return cert
-
-
 def load_certificates(items: Sequence[bytes]) -> list[x509.Certificate]:
     """Load DER or PEM certificates (a PEM item may hold several).
 
@@ -87,26 +79,14 @@ def load_certificates(items: Sequence[bytes]) -> list[x509.Certificate]:
             raise EvidenceFormatError("nvidia-gpu: each certificate item must be bytes of at most 64 KiB")
         try:
             if b"-----BEGIN" in item:
-                out.extend(_touch(c) for c in x509.load_pem_x509_certificates(bytes(item)))
+                out.extend(touch(c) for c in x509.load_pem_x509_certificates(bytes(item)))
             else:
-                out.append(_touch(x509.load_der_x509_certificate(bytes(item))))
+                out.append(touch(x509.load_der_x509_certificate(bytes(item))))
         except (ValueError, UnsupportedAlgorithm) as exc:
             raise EvidenceFormatError("nvidia-gpu: certificate is neither DER nor PEM") from exc
     if len(out) > MAX_CHAIN_LENGTH:
         raise EvidenceFormatError(f"nvidia-gpu: more than {MAX_CHAIN_LENGTH} certificates")
     return out
-
-
-def _ext(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.ExtensionType | None:
-    try:
-        return cert.extensions.get_extension_for_class(kind).value
-    except x509.ExtensionNotFound:
-        return None
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    bc = _ext(cert, x509.BasicConstraints)
-    return isinstance(bc, x509.BasicConstraints) and bc.ca
 
 
 def order_chain(certs: Sequence[x509.Certificate]) -> tuple[x509.Certificate, ...]:
@@ -115,10 +95,10 @@ def order_chain(certs: Sequence[x509.Certificate]) -> tuple[x509.Certificate, ..
     Raises:
         AttestationError: no single end-entity certificate, a missing link, or a loop.
     """
-    leaves = [c for c in certs if not _is_ca(c)]
+    leaves = [c for c in certs if not is_ca(c, label=TEE)]
     if len(leaves) != 1:
         raise _fail(f"need exactly one end-entity (attestation) certificate, got {len(leaves)}")
-    by_subject = {c.subject.public_bytes(): c for c in certs if _is_ca(c)}
+    by_subject = {c.subject.public_bytes(): c for c in certs if is_ca(c, label=TEE)}
     chain = [leaves[0]]
     while chain[-1].issuer != chain[-1].subject:
         issuer = by_subject.get(chain[-1].issuer.public_bytes())
@@ -130,44 +110,9 @@ def order_chain(certs: Sequence[x509.Certificate]) -> tuple[x509.Certificate, ..
     return tuple(chain)
 
 
-class _ChainCache:
-    """Chains whose signatures and constraints verified, keyed by SHA-256 over every DER in order.
-
-    Only the time- and trust-independent checks are cached; allow-list and validity at ``now`` are
-    checked on every call. The key covers the leaf, so a result is never reused for another leaf.
-    """
-
-    def __init__(self, size: int = 256) -> None:
-        self._size = size
-        self._items: OrderedDict[bytes, bool] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __contains__(self, key: bytes) -> bool:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return True
-            return False
-
-    def add(self, key: bytes) -> None:
-        with self._lock:
-            self._items[key] = True
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-
-_CHAIN_CACHE = _ChainCache()
-
-
-def _chain_key(chain: Sequence[x509.Certificate]) -> bytes:
-    h = hashlib.sha256()
-    for cert in chain:
-        h.update(bytes.fromhex(fingerprint(cert)))
-    return h.digest()
+# Ordered chains whose signatures and constraints verified (x509chain steps 3-5), keyed by SHA-256
+# over every DER in order: the key covers the leaf; allow-list and validity are checked per call.
+_CHAIN_CACHE: LRUCache[bytes, tuple[x509.Certificate, ...]] = LRUCache()
 
 
 def _what(i: int, cert: x509.Certificate) -> str:
@@ -179,45 +124,28 @@ def verify_chain(
 ) -> tuple[x509.Certificate, ...]:
     """Order and verify the device chain at ``now``; return it leaf first.
 
+    The root is allow-listed and self-signed, every certificate valid at ``now`` and signed by its
+    issuer, CAs carry basicConstraints (critical) and keyCertSign, and the attestation certificate
+    holds a P-384 signing key (:func:`~ray_confidential.attestation.x509chain.verify_path`).
+
     Raises:
         AttestationError: root not allow-listed or not self-signed, bad signature, expired, constraints.
     """
-    _check_now(now)
+    require_aware(now)
     if not certs:
         raise _fail("no device certificates: pass the GPU's certificate chain as certs")
     chain = order_chain(certs)
-    root = chain[-1]
-    # (1) Root allow-listed (every call: trust configurations differ).
-    if not trust.is_allowed_root(root):
-        raise _fail(f"root certificate {fingerprint(root)} is not allow-listed")
-    # (2) Every certificate valid at `now` (every call: time moves).
-    for i, cert in enumerate(chain):
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise _fail(f"{_what(i, cert)} is not valid at {now.isoformat()}")
-    key = _chain_key(chain)
-    if key in _CHAIN_CACHE:
-        return chain
-    # (3) Signatures and CA constraints (cached once they pass).
-    for i, cert in enumerate(chain):
-        issuer = chain[i + 1] if i + 1 < len(chain) else cert
-        try:
-            cert.verify_directly_issued_by(issuer)
-        except (ValueError, TypeError, InvalidSignature) as exc:
-            raise _fail(f"{_what(i, cert)} is not signed by its issuer") from exc
-        if i > 0:
-            bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
-            if not bc.critical or (bc.value.path_length is not None and i - 1 > bc.value.path_length):
-                raise _fail(f"{_what(i, cert)} basicConstraints not critical or path length exceeded")
-            ku = _ext(cert, x509.KeyUsage)
-            if not isinstance(ku, x509.KeyUsage) or not ku.key_cert_sign:
-                raise _fail(f"{_what(i, cert)} may not sign certificates (keyUsage)")
-    leaf_key = chain[0].public_key()
-    if not isinstance(leaf_key, ec.EllipticCurvePublicKey) or not isinstance(leaf_key.curve, ec.SECP384R1):
-        raise _fail("attestation certificate key is not ECDSA P-384")
-    ku = _ext(chain[0], x509.KeyUsage)
-    if isinstance(ku, x509.KeyUsage) and not ku.digital_signature:
-        raise _fail("attestation certificate may not sign (keyUsage)")
-    _CHAIN_CACHE.add(key)
+    key = der_digest(der(c) for c in chain)
+    verify_path(
+        chain,
+        trust=trust,
+        now=now,
+        label=TEE,
+        cache=_CHAIN_CACHE,
+        key=key,
+        describe=_what,
+        leaf_what="attestation certificate",
+    )
     return chain
 
 
@@ -309,7 +237,7 @@ def verify_evidence(
         AttestationError: chain, FWID or signature failure.
     """
     del collateral
-    _check_now(now)
+    require_aware(now)
     report = parse_report(evidence)  # (1) parse
     chain = verify_chain(load_certificates(certs), trust=trust, now=now)  # (2) chain
     verify_fwid(report, chain[0])  # (3) the report's firmware is the certified one

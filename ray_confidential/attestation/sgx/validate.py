@@ -1,5 +1,6 @@
 """SGX appraisal policy: MRENCLAVE pins, MRSIGNER, ISV product id, minimum ISV SVN, debug, TCB status.
 
+    >>> from ray_confidential.attestation.reference import measurement_pins
     >>> p = Policy(mr_enclave=measurement_pins(["00" * 32]), isv_prod_id=0)
     >>> p.allow_debug
     False
@@ -16,7 +17,7 @@ from typing import Any
 
 from ray_confidential.attestation.claims import VerifiedClaims, Violation
 from ray_confidential.attestation.dcap import policy as _p
-from ray_confidential.attestation.reference import MeasurementPins, measurement_pins
+from ray_confidential.attestation.reference import MeasurementPins
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,12 +56,10 @@ class Policy:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Policy:
         """From YAML/JSON: hex strings, lists of hex strings, ``mr_enclave: UNSAFE_ANY`` for development."""
-        _p.reject_unknown_keys(d, [f.name for f in fields(cls)], "sgx policy")
-        if "mr_enclave" not in d:
-            raise ValueError("sgx policy needs mr_enclave (a list of MRENCLAVE hex values, or UNSAFE_ANY)")
-        args = dict(d)
-        mr = args.pop("mr_enclave")
-        return cls(mr_enclave=measurement_pins(mr if mr == "UNSAFE_ANY" else list(mr)), **args)
+        fields_ = [f.name for f in fields(cls)]
+        return cls(
+            **_p.policy_args(d, fields_, what="sgx policy", pin_field="mr_enclave", pin_what="MRENCLAVE")
+        )
 
 
 def validate_claims(claims: VerifiedClaims, policy: Policy) -> list[Violation]:

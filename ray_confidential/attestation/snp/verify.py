@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,6 +68,14 @@ from ray_confidential.attestation.snp.abi import (
     split_evidence,
 )
 from ray_confidential.attestation.trust import TrustConfig, certificate_errors_are_format_errors, fingerprint
+from ray_confidential.attestation.x509chain import (
+    LRUCache,
+    der,
+    der_digest,
+    not_valid_error,
+    require_aware,
+    valid_at,
+)
 from ray_confidential.errors import AttestationError, EvidenceFormatError
 
 TEE = "sev-snp"
@@ -260,14 +267,6 @@ def _cn(cert: x509.Certificate) -> str:
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
-def _check_validity(cert: x509.Certificate, now: datetime, role: str) -> None:
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise AttestationError(
-            f"{role} certificate {_cn(cert)!r} is not valid at {now.isoformat()} "
-            f"(valid {cert.not_valid_before_utc.isoformat()} .. {cert.not_valid_after_utc.isoformat()})"
-        )
-
-
 def _check_ca(cert: x509.Certificate, role: str) -> None:
     key = cert.public_key()
     if not isinstance(key, rsa.RSAPublicKey) or key.key_size != AMD_RSA_BITS:
@@ -313,33 +312,25 @@ def verify_endorsement_chain(
         AttestationError: the ARK is not allow-listed or not self-signed, a signature or validity
             period fails, a key or CA flag is wrong, or the product names disagree.
     """
-    _require_aware(now)
+    require_aware(now, error=TypeError)
     if not trust.is_allowed_root(root):
         raise AttestationError(f"ARK {_cn(root)!r} (sha256 {fingerprint(root)}) is not an allow-listed root")
     # Signatures and names are a pure function of the three certificates: cache successes keyed by the
     # digest of all three DER encodings (never reused across leaves). Validity is checked every time.
-    key = hashlib.sha256(b"".join(_der(c) for c in (leaf, intermediate, root))).digest()
-    with _CHAIN_LOCK:
-        product = _CHAIN_CACHE.get(key)
+    key = der_digest(der(c) for c in (leaf, intermediate, root))
+    product = _CHAIN_CACHE.get(key)
     if product is None:
         product = _verify_chain_signatures(leaf, intermediate, root)
-        with _CHAIN_LOCK:
-            if len(_CHAIN_CACHE) >= CHAIN_CACHE_SIZE:
-                _CHAIN_CACHE.pop(next(iter(_CHAIN_CACHE)))
-            _CHAIN_CACHE[key] = product
+        _CHAIN_CACHE.put(key, product)
     for cert, role in ((root, "ARK"), (intermediate, "ASK"), (leaf, "VCEK/VLEK")):
-        _check_validity(cert, now, role)
+        if not valid_at(cert, now):
+            raise not_valid_error(cert, now, what=f"{role} certificate {_cn(cert)!r}")
     return product
 
 
 CHAIN_CACHE_SIZE = 256
-"""Verified ARK/ASK/VCEK triples remembered per process (oldest dropped first)."""
-_CHAIN_CACHE: dict[bytes, str] = {}
-_CHAIN_LOCK = threading.Lock()
-
-
-def _der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(Encoding.DER)
+"""Verified ARK/ASK/VCEK triples remembered per process (least recently used dropped first)."""
+_CHAIN_CACHE: LRUCache[bytes, str] = LRUCache(CHAIN_CACHE_SIZE)
 
 
 def _verify_chain_signatures(
@@ -364,11 +355,6 @@ def _verify_chain_signatures(
             f"{_cn(intermediate)!r} <- {_cn(root)!r}"
         )
     return ext.product
-
-
-def _require_aware(now: datetime) -> None:
-    if not isinstance(now, datetime) or now.tzinfo is None:
-        raise TypeError("now must be a timezone-aware datetime, e.g. datetime.now(timezone.utc)")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -489,7 +475,7 @@ def verify_report(
         AttestationError: first failed check.
         EvidenceFormatError: the collateral is not a CRL.
     """
-    _require_aware(now)
+    require_aware(now, error=TypeError)
     # (1) A signed report.
     if report.signing_key not in (SIGNING_KEY_VCEK, SIGNING_KEY_VLEK):
         raise AttestationError("the SEV-SNP report is not signed (SIGNING_KEY = none)")
@@ -562,7 +548,7 @@ def verify_evidence(
         EvidenceFormatError: evidence, certificates or collateral do not parse.
         AttestationError: a signature, chain, validity, TCB or product check fails.
     """
-    _require_aware(now)
+    require_aware(now, error=TypeError)
     report, table = split_evidence(evidence)
     items: list[bytes] = [blob for guid, blob in table if guid in _TABLE_GUIDS]
     pool = load_certificates([*items, *certs])

@@ -1,5 +1,6 @@
 """TDX appraisal policy: MRTD pins, RTMR pins, MRCONFIGID / MROWNER, TD attributes, TCB status.
 
+    >>> from ray_confidential.attestation.reference import measurement_pins
     >>> p = Policy(mr_td=measurement_pins(["00" * 48]))
     >>> p.allow_debug, p.require_sept_ve_disable
     (False, True)
@@ -17,7 +18,7 @@ from typing import Any
 
 from ray_confidential.attestation.claims import VerifiedClaims, Violation
 from ray_confidential.attestation.dcap import policy as _p
-from ray_confidential.attestation.reference import MeasurementPins, measurement_pins
+from ray_confidential.attestation.reference import MeasurementPins
 
 from .abi import TD_ATTRIBUTES_SEPT_VE_DISABLE_BIT, TD_ATTRIBUTES_SEPT_VE_DISABLE_BYTE
 
@@ -67,12 +68,8 @@ class Policy:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Policy:
         """From YAML/JSON: hex strings, lists of hex strings, ``mr_td: UNSAFE_ANY`` for development."""
-        _p.reject_unknown_keys(d, [f.name for f in fields(cls)], "tdx policy")
-        if "mr_td" not in d:
-            raise ValueError("tdx policy needs mr_td (a list of MRTD hex values, or UNSAFE_ANY)")
-        args = dict(d)
-        mr_td = args.pop("mr_td")
-        return cls(mr_td=measurement_pins(mr_td if mr_td == "UNSAFE_ANY" else list(mr_td)), **args)
+        fields_ = [f.name for f in fields(cls)]
+        return cls(**_p.policy_args(d, fields_, what="tdx policy", pin_field="mr_td", pin_what="MRTD"))
 
 
 def validate_claims(claims: VerifiedClaims, policy: Policy) -> list[Violation]:
