@@ -136,15 +136,7 @@ def init(*, dev: bool | None = None, **ray_init_kwargs: Any) -> None:
         implicit = _ray_compat.running_cluster_address() if address in (None, "auto") else None
         connecting = address not in (None, "local") or implicit is not None
         if connecting and not dev:
-            path = os.environ.get(DOMAINS_ENV)
-            if not path:
-                raise ValueError(
-                    "connecting to an existing Ray cluster without development services: no key broker "
-                    f"is configured. Set {DOMAINS_ENV}=descriptors.json (published domain descriptors: "
-                    "seal only, open off-cluster), or pass dev=True to start clearly labelled "
-                    "development services in this process"
-                )
-            service: KeyService = PublicDirectory.from_file(path)
+            service: KeyService = _configured_key_service()
             owner, mode = False, "connect"
         elif dev is False:
             raise ValueError(
@@ -183,6 +175,24 @@ def init(*, dev: bool | None = None, **ray_init_kwargs: Any) -> None:
         _session = _Session(
             key_service=service, owner=owner, mode=mode, started_ray=started, services=services
         )
+
+
+def _configured_key_service() -> KeyService:
+    """Row 4: the broker in ``$RAY_CONFIDENTIAL_KBS``, else published descriptors, else an error."""
+    from ray_confidential.kbs.directory import KBS_ENV
+
+    if os.environ.get(KBS_ENV):
+        from ray_confidential.kbs.directory import BrokerDirectory
+
+        return BrokerDirectory.from_file(os.environ[KBS_ENV])
+    if os.environ.get(DOMAINS_ENV):
+        return PublicDirectory.from_file(os.environ[DOMAINS_ENV])
+    raise ValueError(
+        "connecting to an existing Ray cluster without development services: no key broker is "
+        f"configured. Set {KBS_ENV}=kbs-client.yaml (the broker's address, CA and release key; see "
+        f"docs/kbs.md) or {DOMAINS_ENV}=descriptors.json (published domain descriptors), or pass "
+        "dev=True to start clearly labelled development services in this process"
+    )
 
 
 def shutdown() -> None:

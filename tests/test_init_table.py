@@ -159,3 +159,37 @@ def test_row4_explicit_address_without_dev(
     finally:
         rc.shutdown()
         ray.shutdown()
+
+
+def test_row4_uses_the_configured_broker(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Row 4 with $RAY_CONFIDENTIAL_KBS: broker-signed descriptors to seal; the driver may not open."""
+    from ray_confidential.kbs.embedded import EmbeddedBroker
+    from ray_confidential.keyservice import DevKeyService
+    from ray_confidential.sealed import open_sealed
+
+    owner_state = tmp_path / "owner"
+    with pytest.warns(UserWarning):
+        DevKeyService(owner_state).create_domain("brokered")
+    broker = EmbeddedBroker.start(owner_state)
+    try:
+        release = tmp_path / "release.pem"
+        release.write_bytes(broker.launch_data()["release_public_key"].encode())
+        config = tmp_path / "kbs-client.yaml"
+        config.write_text(f"target: {broker.target}\nrelease_public_key: {release}\n")
+        monkeypatch.setenv("RAY_CONFIDENTIAL_KBS", str(config))
+        rc.init(address=cluster.address)
+        try:
+            assert _session_or_die().mode == "connect" and not _session_or_die().owner
+            ref = rc.put({"result": 42}, domain="brokered")
+            with pytest.raises(KeyReleaseDenied, match="not an attested executor"):
+                rc.get(ref)
+            with pytest.raises(ValueError, match="unknown domain 'nope' at the key broker"):
+                rc.put(b"x", domain="nope")
+            assert open_sealed(rc.export(ref), DevKeyService(owner_state)) == {"result": 42}
+        finally:
+            rc.shutdown()
+            ray.shutdown()
+    finally:
+        broker.stop()
