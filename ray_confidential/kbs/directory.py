@@ -70,7 +70,7 @@ class BrokerDirectory:
             if hit is not None and now - hit[0] < DESCRIPTOR_TTL_S:
                 return hit[1]
         try:
-            desc = self._client.descriptor(domain, version)
+            desc: DomainDescriptor = self._client.descriptor(domain, version)
         except KeyReleaseDenied as exc:
             raise ValueError(f"unknown domain {domain!r} at the key broker ({exc})") from exc
         with self._lock:
