@@ -14,7 +14,8 @@
     ref = counter.add.remote(rc.put(table, domain="hospital"))    # a SealedRef
     rc.get(ref)                                     # the owner opens the result
 
-The Ray actor is an untrusted shim (:class:`_EnclaveShim`) placed like a confidential task; on
+The Ray actor is an untrusted shim (:class:`_EnclaveShim`) placed like a confidential task (the
+same options and checks, ``scheduler.calls``: placement is decided once, at ``.remote()``); on
 creation it opens its own connection to the node's executor, which starts a worker subprocess
 dedicated to this instance and constructs the class there from sealed inputs and plain parameters.
 Method calls route to that subprocess and return results sealed to the domain. The instance never
@@ -29,12 +30,10 @@ or restart an actor (``max_restarts`` is 0: a restarted shim would have lost the
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ray_confidential.bundle import WRAPPED_ATTR, Bundle, from_callable
-
-_SHIM_OPTIONS = ("timeout_s", "tee")
 
 
 def _format_until(ts: Any) -> str:
@@ -147,6 +146,11 @@ class EnclaveActorClass:
         self.__qualname__ = cls.__qualname__
         self.__module__ = cls.__module__
         self.__doc__ = cls.__doc__
+        from scheduler.calls import check_static
+
+        check_static(options)  # static only: no cluster, no policy (may run at import time)
+        if "recipient" in options or "recipients" in options:
+            raise ValueError("enclave actor results are sealed to the domain; recipients are not supported")
         self._domain = domain
         self._options = options
         self._bundle: Bundle | None = None
@@ -165,7 +169,8 @@ class EnclaveActorClass:
         return self._bundle
 
     def options(self, **options: Any) -> EnclaveActorClass:
-        """A copy with other options (``timeout_s``, ``tee`` or Ray actor options such as ``num_cpus``)."""
+        """A new handle with these options added (``tee``, ``pools``, ``regions``, ``gpu_cc``,
+        ``timeout_s`` or Ray actor options such as ``num_cpus``); this one is unchanged."""
         copy = EnclaveActorClass(getattr(self, WRAPPED_ATTR), domain=options.pop("domain", self._domain),
                                  options={**self._options, **options})  # fmt: skip
         copy._bundle = self._bundle
@@ -175,31 +180,45 @@ class EnclaveActorClass:
         """Create the actor: a Ray shim actor and, behind it, the instance inside the executor."""
         import ray
 
-        from enclave_actors.remote import encode_call, placement
+        from enclave_actors.remote import encode_call
+        from scheduler.calls import call_options
 
         spec, refs = encode_call(args, kwargs)
         spec.update(domain=self._domain, timeout_s=self._options.get("timeout_s"), class_name=self.__name__)
-        opts = {k: v for k, v in self._options.items() if k not in _SHIM_OPTIONS}
-        opts.setdefault("label_selector", placement(self._options.get("tee")))
+        opts = call_options(self._domain, self._options)
         opts.setdefault("max_restarts", 0)
         actor = ray.remote(_EnclaveShim).options(**opts).remote(spec, self.bundle, *refs)
         return EnclaveActorHandle(actor, domain=self._domain, class_name=self.__name__)
 
 
-def enclave_actor(*, domain: str, **options: Any) -> Callable[[type], EnclaveActorClass]:
+def enclave_actor(
+    *,
+    domain: str,
+    tee: str | Sequence[str] | None = None,
+    pools: str | Sequence[str] | None = None,
+    regions: str | Sequence[str] | None = None,
+    **options: Any,
+) -> Callable[[type], EnclaveActorClass]:
     """Decorate a module-level class whose instances live inside an enclave executor.
 
     Args:
         domain: the domain whose policy must approve this class's bundle; results are sealed to it.
-        **options: ``timeout_s`` (per call), ``tee`` (kind or kinds), and Ray actor options.
+        tee, pools, regions: narrow the domain policy (as ``@rc.remote``).
+        **options: ``timeout_s`` (per call), ``gpu_cc``, and Ray actor options (``num_cpus``,
+            ``name``, ``lifetime``, ...); widening options are refused as for ``@rc.remote``.
     """
     if isinstance(domain, type):
         raise TypeError(
             "use @ray_confidential.enclave_actor(domain='name'), not @ray_confidential.enclave_actor"
         )
+    narrowing = {k: v for k, v in (("tee", tee), ("pools", pools), ("regions", regions)) if v is not None}
+    all_options = {**options, **narrowing}
+    from scheduler.calls import check_static
+
+    check_static(all_options)
 
     def decorate(cls: type) -> EnclaveActorClass:
-        return EnclaveActorClass(cls, domain=domain, options=dict(options))
+        return EnclaveActorClass(cls, domain=domain, options=dict(all_options))
 
     return decorate
 

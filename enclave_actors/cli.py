@@ -53,6 +53,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--untrusted-device", action="store_true",
                    help="TESTS: sign evidence under a root nobody trusts (a node that lies about being a TEE)")  # fmt: skip
+    p.add_argument("--measurement", metavar="HEX",
+                   help="TESTS: the simulated TEE's measurement (default: the kind's default measurement)")  # fmt: skip
+    p.add_argument("--debug-tee", action="store_true", help="TESTS: the simulated TEE reports debug mode")
     p.add_argument("--poll-interval", type=float, default=5.0, help="revocation poll interval (<= 10 s)")
     p.add_argument("--broker-wait", type=float, default=15.0, help="seconds before failing closed")
     p.add_argument("--call-timeout", type=float, default=300.0)
@@ -108,7 +111,9 @@ def run_executor(args: argparse.Namespace) -> int:
     from ray_confidential.testing.simulated import DevRootOfTrust, SimulatedTEE
 
     roots = DevRootOfTrust.from_launch_data(launch.dev_roots)
-    tee = SimulatedTEE(args.tee, root=f"untrusted-{args.node_id}" if args.untrusted_device else roots)
+    tee = SimulatedTEE(args.tee, root=f"untrusted-{args.node_id}" if args.untrusted_device else roots,
+                       measurement=bytes.fromhex(args.measurement) if args.measurement else None,
+                       debug=args.debug_tee)  # fmt: skip
     device = SimulatedDevice(device_path, tee)
     device.start()
     try:

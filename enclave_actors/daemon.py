@@ -63,6 +63,8 @@ MAX_PARAMS_BYTES = 64 << 10
 """Plain JSON parameters of one call (args and kwargs that are not sealed), encoded size."""
 MAX_INPUTS = 32
 MAX_POLL_INTERVAL = 10.0
+ROUTING_RETRY_S = 30.0
+"""Retry interval after the broker refused a routing token."""
 INLINE_INPUT_LIMIT = 1 << 20
 
 
@@ -181,6 +183,27 @@ class Executor:
         self._last_broker_ok = clock()
         self.unavailable: str | None = None
         self.stats = {"unwraps": 0, "grants": 0, "workers_started": 0, "actors_started": 0}
+        self._report = threading.local()
+
+    # -- per-request report (metrics: the shim records it, docs/executor.md "Protocol") --------------
+    def begin_report(self) -> None:
+        """Start counting this thread's broker outcomes (one request per connection thread at a time)."""
+        self._report.counts = {"attest": {}, "unwrap": {}}
+        self._report.attested_until = None
+
+    def _note(self, kind: str, result: str) -> None:
+        counts = getattr(self._report, "counts", None)
+        if counts is not None:
+            counts[kind][result] = counts[kind].get(result, 0) + 1
+
+    def end_report(self) -> dict[str, Any]:
+        """What this request did at the broker: attestations and key releases by result (counts),
+        and until when this node's attestation holds (None: no grant used). Public metadata only."""
+        counts = getattr(self._report, "counts", None) or {"attest": {}, "unwrap": {}}
+        until = getattr(self._report, "attested_until", None)
+        self._report.counts = None
+        return {"tee": self.facts.tee, "pool": self.facts.pool, "node_id": self.facts.node_id,
+                "attest": counts["attest"], "unwrap": counts["unwrap"], "attested_until": until}  # fmt: skip
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def drop_keys(self, reason: str) -> None:
@@ -242,12 +265,22 @@ class Executor:
         with self._lock:
             grant = self._grants.get(key)
         if grant is not None and grant.expires_at - self.renew_margin > self.clock():
+            self._report.attested_until = grant.expires_at
             return grant
-        fresh: Grant = self._with_broker(
-            lambda: self.releaser.grant(
-                bundle_digest=digest, domains=domains, executor_key=self.key, now=self.clock()
+        try:
+            fresh: Grant = self._with_broker(
+                lambda: self.releaser.grant(
+                    bundle_digest=digest, domains=domains, executor_key=self.key, now=self.clock()
+                )
             )
-        )
+        except KeyReleaseDenied:
+            self._note("attest", "denied")
+            raise
+        except CallRefused:
+            self._note("attest", "error")
+            raise
+        self._note("attest", "ok")
+        self._report.attested_until = fresh.expires_at
         with self._lock:
             self._grants[key] = fresh
         self.stats["grants"] += 1
@@ -260,7 +293,15 @@ class Executor:
             cached = self._deks.get(key)
             if cached is not None and cached[1] > now:
                 return bytes(cached[0])
-        dek = self._with_broker(lambda: self.releaser.unwrap(grant, header, self.key, now=now))
+        try:
+            dek = self._with_broker(lambda: self.releaser.unwrap(grant, header, self.key, now=now))
+        except KeyReleaseDenied:
+            self._note("unwrap", "denied")
+            raise
+        except CallRefused:
+            self._note("unwrap", "error")
+            raise
+        self._note("unwrap", "granted")
         with self._lock:
             self._deks[key] = (bytearray(dek), min(grant.expires_at, now + 300))
         self.stats["unwraps"] += 1
@@ -556,6 +597,7 @@ class ExecutorServer:
         self.poll_interval = poll_interval
         self._sock: socket.socket | None = None
         self._stop = threading.Event()
+        self.routing_until: float | None = None
 
     def start(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -570,6 +612,7 @@ class ExecutorServer:
         self._sock = sock
         self.executor.poll_revocation()
         threading.Thread(target=self._poll, name="rc-revocation-poll", daemon=True).start()
+        threading.Thread(target=self._routing, name="rc-routing-attest", daemon=True).start()
         threading.Thread(target=self._accept, name="rc-executor-accept", daemon=True).start()
 
     def stop(self) -> None:
@@ -588,6 +631,22 @@ class ExecutorServer:
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_interval):
             self.executor.poll_revocation()
+
+    def _routing(self) -> None:
+        """Attest for a routing token at start and before each expires (trust-registry admission:
+        the broker signs an admit per routing token, docs/placement.md); retry after a refusal."""
+        attest = getattr(self.executor.releaser, "routing", None)
+        if attest is None:
+            return
+        ex, delay = self.executor, 0.0
+        while not self._stop.wait(delay):
+            try:
+                until = float(ex._with_broker(lambda: attest(executor_key=ex.key, now=ex.clock())))
+                self.routing_until = until
+                delay = max(1.0, until - ex.clock() - ex.renew_margin)
+            except (KeyReleaseDenied, CallRefused) as exc:
+                logger.warning("executor: no routing token (%s); retrying in %.0f s", exc, ROUTING_RETRY_S)
+                delay = ROUTING_RETRY_S
 
     def _accept(self) -> None:
         sock = self._sock
@@ -614,6 +673,9 @@ class ExecutorServer:
                 msg = protocol.recv(conn)
             except (ConnectionError, OSError, protocol.ProtocolError):
                 return
+            reported = msg.header.get("op") in ("call", "actor_create", "actor_call")
+            if reported:
+                self.executor.begin_report()
             try:
                 header, frames, fds = self._handle(msg, owned)
             except CallRefused as exc:
@@ -625,6 +687,8 @@ class ExecutorServer:
                 header, frames, fds = {"status": "internal", "message": "executor internal error"}, [], []
             finally:
                 msg.close_fds()
+            if reported:
+                header = {**header, "report": self.executor.end_report()}
             try:
                 protocol.send(conn, header, frames, fds)
             except OSError:

@@ -47,6 +47,10 @@ UNSET = "(none)"
 no policy lists this value, so a policy that names pools or regions never admits such a node)."""
 
 
+ROUTING_BUNDLE = bytes(32)
+"""Bundle digest bound into routing-scope evidence (a routing token names no code)."""
+
+
 class BrokerUnavailable(ConnectionError):
     """The key broker could not be reached (the executor retries, then fails closed)."""
 
@@ -252,6 +256,35 @@ class KBSKeyReleaser:
             ) from None
         return Grant(token_id=token.jti, bundle_digest=bundle_digest, expires_at=float(token.expires_at),
                      domains=domains, token=token)  # fmt: skip
+
+    def routing(self, *, executor_key: hpke.PrivateKeyHandle, now: float) -> float:
+        """Attest for a routing-scope token (trust registry admission, docs/placement.md); its expiry.
+
+        Raises:
+            KeyReleaseDenied: the broker refused (this node cannot attest, or is revoked).
+        """
+        from ray_confidential.kbs.client import BrokerRefusedError
+
+        facts = self._facts
+
+        def attest(client: Any) -> Any:
+            challenge = client.challenge()
+            binding = challenge.binding(
+                executor_key, cluster_id=facts.cluster_id, bundle_digest=ROUTING_BUNDLE
+            )
+            try:
+                evidence = self._evidence(binding)
+            except AttestationError as exc:
+                raise KeyReleaseDenied(f"attestation failed: {exc}") from None
+            return client.attest(challenge, evidence, profile=facts.profile, executor_key=executor_key,
+                                 cluster_id=facts.cluster_id, bundle_digest=ROUTING_BUNDLE, scope="routing",
+                                 node_id=facts.node_id, pool=facts.pool or UNSET, region=facts.region or UNSET)  # fmt: skip
+
+        try:
+            token = self._run(attest)
+        except BrokerRefusedError as exc:
+            raise KeyReleaseDenied(f"the key broker refused a routing token ({exc.code})") from None
+        return float(token.expires_at)
 
     def unwrap(self, grant: Grant, header: Any, executor_key: hpke.PrivateKeyHandle, *, now: float) -> bytes:
         from ray_confidential.kbs.client import BrokerRefusedError

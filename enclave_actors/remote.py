@@ -9,21 +9,33 @@
     ref = mean_age.remote(rc.put(table, domain="hospital"))   # a SealedRef
     rc.get(ref)                                               # the owner opens the result
 
-The Ray task is a thin, untrusted shim (:func:`_shim_task`) placed on a node labelled
-``ray-confidential.io/tee``; it hands the executor the function's code bundle (its module's
-source), the sealed inputs and the plain parameters, and returns the sealed result. Arguments
-that are ``SealedRef`` become sealed inputs; any other argument must be a JSON value (a plain
-parameter, at most 64 KiB in all, visible to Ray). Inside the executor the decorator is inert: it
-returns a wrapper whose ``__rc_function__`` is the function itself.
+The Ray task is a thin, untrusted shim (:func:`_shim_task`); it hands the executor the function's
+code bundle (its module's source), the sealed inputs and the plain parameters, and returns the
+sealed result. Inside the executor the decorator is inert: it returns a wrapper whose
+``__rc_function__`` is the function itself.
 
-What it does NOT do: actors, pools, regions or narrowing options (later issues), or any security
-check (the executor does those).
+Contract (docs/executor.md "Decorated calls"):
+
+* ``.remote(...)`` returns a :class:`~ray_confidential.SealedRef` directly (its ``object_ref`` is the
+  shim task's ObjectRef, whose value is the sealed result); ``rc.get`` / ``rc.export`` accept it and
+  also an ObjectRef holding one.
+* Arguments: ``SealedRef`` pass by reference (sealed inputs); any other argument must be a JSON value
+  (a plain parameter, at most :data:`MAX_PARAMS_BYTES` = 64 KiB in all, visible to Ray).
+* Placement (``scheduler.calls``): the decorator checks options statically (it may run at import
+  time, before ``rc.init``); each ``.remote()`` computes a ``label_selector`` over the trust
+  registry's attested nodes from the domain policy narrowed by ``tee`` / ``pools`` / ``regions`` /
+  ``gpu_cc``, waiting at most ``rc.init(placement_wait_s=...)`` before ``NoAttestedNodeError``.
+  Options that could widen placement are refused with the fix in the message.
+* Retries: ``max_retries`` (default 0) re-runs the call at least once more on failure; a retry keeps
+  the selector, so it lands only on a node that qualified at submission (at-least-once).
+
+What it does NOT do: any security check (the executor and the broker do those).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from ray_confidential.bundle import WRAPPED_ATTR, Bundle, from_callable
@@ -64,10 +76,12 @@ class ConfidentialFunction:
         self.__qualname__ = getattr(fn, "__qualname__", self.__name__)
         self.__module__ = getattr(fn, "__module__", __name__)
         self.__doc__ = getattr(fn, "__doc__", None)
+        from scheduler.calls import check_static
+
+        check_static(options)  # static only: no cluster, no policy (may run at import time)
         self._domain = domain
         self._options = options
         self._bundle: Bundle | None = None
-        self._task: Any = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
@@ -83,7 +97,8 @@ class ConfidentialFunction:
         return self._bundle
 
     def options(self, **options: Any) -> ConfidentialFunction:
-        """A copy with other options (``timeout_s``, ``recipient``, ``tee`` or Ray task options)."""
+        """A new handle with these options added (``tee``, ``pools``, ``regions``, ``gpu_cc``,
+        ``timeout_s``, ``recipients`` or Ray task options); this one is unchanged."""
         copy = ConfidentialFunction(getattr(self, WRAPPED_ATTR), domain=options.pop("domain", self._domain),
                                     options={**self._options, **options})  # fmt: skip
         copy._bundle = self._bundle
@@ -95,23 +110,28 @@ class ConfidentialFunction:
         The ref's ``key_version`` and ``object_id`` are 0 and "" until the call completes (they are
         decided inside the executor); ``rc.get`` and ``rc.export`` work on it as on any SealedRef.
         """
-        import ray
-
         from ray_confidential.api import SealedRef
+        from scheduler.calls import call_options, recipient
 
         spec, refs = encode_call(args, kwargs)
         spec.update(domain=self._domain, timeout_s=self._options.get("timeout_s"),
-                    recipient=self._options.get("recipient"))  # fmt: skip
-        if self._task is None:
-            self._task = ray.remote(_shim_task).options(**self._ray_options())
-        object_ref = self._task.remote(spec, self.bundle, *refs)
+                    recipient=recipient(self._options))  # fmt: skip
+        opts = call_options(self._domain, self._options)
+        opts.setdefault("max_retries", 0)
+        object_ref = _shim_remote().options(**opts).remote(spec, self.bundle, *refs)
         return SealedRef(object_ref, domain=self._domain, key_version=0, object_id="", size=0)
 
-    def _ray_options(self) -> dict[str, Any]:
-        opts = {k: v for k, v in self._options.items() if k not in ("timeout_s", "recipient", "tee")}
-        opts.setdefault("label_selector", placement(self._options.get("tee")))
-        opts.setdefault("max_retries", 0)
-        return opts
+
+_SHIM: Any = None
+
+
+def _shim_remote() -> Any:
+    global _SHIM
+    if _SHIM is None:
+        import ray
+
+        _SHIM = ray.remote(_shim_task)
+    return _SHIM
 
 
 def encode_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
@@ -145,37 +165,39 @@ def encode_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict[str
     return spec, refs
 
 
-def placement(tee: str | tuple[str, ...] | list[str] | None) -> dict[str, str]:
-    """The ``label_selector`` of a confidential task or actor: nodes labelled with an allowed TEE kind,
-    or, for development executors ``rc.init`` started on nodes Ray cannot label (row 2 of its table),
-    those nodes by ``ray.io/node-id``."""
-    kinds = (tee,) if isinstance(tee, str) else tuple(tee or TEE_KINDS)
-    from ray_confidential import api
-
-    session = api._session
-    services = session.services if session is not None else None
-    routing = tuple(getattr(services, "routing_nodes", ()))
-    if routing and "sev-snp" in kinds:
-        return {"ray.io/node-id": f"in({','.join(routing)})"}
-    return {TEE_LABEL: f"in({','.join(kinds)})"}
-
-
-def remote(*, domain: str, **options: Any) -> Callable[[Callable[..., Any]], ConfidentialFunction]:
+def remote(
+    *,
+    domain: str,
+    tee: str | Sequence[str] | None = None,
+    pools: str | Sequence[str] | None = None,
+    regions: str | Sequence[str] | None = None,
+    recipients: str | Sequence[str] | None = None,
+    **options: Any,
+) -> Callable[[Callable[..., Any]], ConfidentialFunction]:
     """Decorate a module-level function to run confidentially in an enclave executor.
 
     Args:
         domain: the domain whose policy must approve this function's bundle; results are sealed to it.
-        **options: ``timeout_s`` (per-call limit, capped by the executor), ``recipient`` (a
-            policy-listed "suite:hex" key to seal results to), ``tee`` (kind or kinds), and Ray task
-            options such as ``num_cpus``.
+        tee, pools, regions: narrow the domain policy's TEE kinds, pools and regions (a name or a
+            sequence; ``"*"`` = as the policy); a value outside the policy is refused at ``.remote()``.
+        recipients: seal results to this policy-listed ``"suite:hex"`` key instead (one).
+        **options: ``timeout_s`` (per-call limit, capped by the executor), ``gpu_cc``, and Ray task
+            options (``num_cpus``, ``num_gpus``, ``memory``, ``max_retries``, ``name``, ...).
+            ``fallback_strategy``, scheduling strategies and placement groups are refused.
     """
     if callable(domain):
         raise TypeError("use @ray_confidential.remote(domain='name'), not @ray_confidential.remote")
+    narrowing = {k: v for k, v in (("tee", tee), ("pools", pools), ("regions", regions),
+                                   ("recipients", recipients)) if v is not None}  # fmt: skip
+    all_options = {**options, **narrowing}
+    from scheduler.calls import check_static
+
+    check_static(all_options)
 
     def decorate(fn: Callable[..., Any]) -> ConfidentialFunction:
-        return ConfidentialFunction(fn, domain=domain, options=dict(options))
+        return ConfidentialFunction(fn, domain=domain, options=dict(all_options))
 
     return decorate
 
 
-__all__ = ["TEE_LABEL", "ConfidentialFunction", "encode_call", "placement", "remote"]
+__all__ = ["MAX_PARAMS_BYTES", "TEE_LABEL", "ConfidentialFunction", "encode_call", "remote"]

@@ -14,6 +14,7 @@ What it does NOT do: any security check. The executor trusts nothing the shim se
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -35,6 +36,34 @@ class CallFailed(SealedTaskError):
 
     def __reduce__(self) -> Any:
         return (CallFailed, (self.sealed_detail, self.args[0] if self.args else "confidential call failed"))
+
+
+def _record_metrics(report: Any, in_bytes: int, out_bytes: int) -> None:
+    """Record what the executor reported for one request (its ``report`` field) in this Ray process's
+    metrics buffer, and have it flushed soon in the background (never blocking the call).
+
+    Executors are not Ray processes, so their outcomes reach the dashboard through the shim that saw
+    them. Tag values pass the allow-lists of :mod:`ray_confidential.metrics`; metrics never fail a call.
+    """
+    try:
+        from ray_confidential import metrics
+
+        if isinstance(report, dict):
+            tee = str(report.get("tee", ""))
+            for result, n in dict(report.get("attest") or {}).items():
+                metrics.inc("confidential_attestations_total", float(n), tee=tee, result=str(result))
+            for result, n in dict(report.get("unwrap") or {}).items():
+                metrics.inc("confidential_key_releases_total", float(n), result=str(result))
+            until = report.get("attested_until")
+            if isinstance(until, int | float) and report.get("node_id"):
+                metrics.note_attested(str(report["node_id"]), str(report.get("pool") or ""), float(until))
+        if in_bytes:
+            metrics.inc("confidential_sealed_bytes_total", float(in_bytes), direction="in")
+        if out_bytes:
+            metrics.inc("confidential_sealed_bytes_total", float(out_bytes), direction="out")
+        metrics.flush_soon()
+    except Exception as exc:  # figures are best effort; the call's outcome is what matters
+        logging.getLogger(__name__).debug("ray_confidential: could not record metrics: %s", exc)
 
 
 def _raise_for(header: dict[str, Any], frames: list[bytes]) -> None:
@@ -153,6 +182,11 @@ class ExecutorClient:
                 reply = self.request(header, [*(d for _, d in bundle.files), *frames], fds)
             if bundle is not None:
                 self._known.add(bundle.digest)
+            ok = reply.header.get("status") == "ok"
+            out_bytes = (sum(len(memoryview(f).cast("B")) for f in reply.frames[:1])
+                         + sum(os.fstat(fd).st_size for fd in reply.fds[:1])) if ok else 0  # fmt: skip
+            in_bytes = sum(len(memoryview(d).cast("B")) for d in inputs) if ok else 0
+            _record_metrics(reply.header.get("report"), in_bytes, out_bytes)
             return reply
         finally:
             for fd in fds:

@@ -13,3 +13,11 @@ def running_cluster_address() -> str | None:
     ``ray start`` cluster on this host), or None when it would start a new local one."""
     address: str | None = _services.canonicalize_bootstrap_address(None)  # type: ignore[arg-type]
     return address
+
+
+def ensure_auth_token() -> None:
+    """Where ``RAY_AUTH_MODE`` turns token auth on and no token exists yet (a fresh HOME), create
+    one as ``ray.init`` does for a new local cluster (``ray.cluster_utils.Cluster`` does not)."""
+    from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
+
+    ensure_token_if_auth_enabled(None, create_token_if_missing=True)

@@ -33,6 +33,9 @@ from ray_confidential.sealed import open_sealed
 from ray_confidential.sealed.format import DomainPublicKey, SealedHeader, seal
 
 logger = logging.getLogger(__name__)
+PLACEMENT_WAIT_ENV = "RAY_CONFIDENTIAL_PLACEMENT_WAIT_S"
+"""Default for ``rc.init(placement_wait_s=...)`` (seconds; 60 when unset)."""
+DEFAULT_PLACEMENT_WAIT_S = 60.0
 DOMAINS_ENV = "RAY_CONFIDENTIAL_DOMAINS"
 """Path of a published-descriptors JSON file (``ray-confidential domain export``) for drivers that
 hold no key service: they can seal to those domains but never open."""
@@ -89,6 +92,14 @@ class _Session:
     started_ray: bool
     services: Any = None
     """Development broker and executors (``enclave_actors.embedded.DevServices``) for rows 1-3."""
+    placement_wait_s: float = 60.0
+    """How long a confidential call waits for a qualifying attested node (``NoAttestedNodeError``)."""
+    registry_verifier: Any = None
+    """The pinned trust-registry statement key (``scheduler.registry.RegistryVerifier``), or None."""
+    registry: Any = None
+    """The registry actor handle this init attached (development broker), or None."""
+    placer: Any = None
+    """``scheduler.placement.Placer`` built on first use (``scheduler.calls``)."""
 
 
 _session: _Session | None = None
@@ -117,12 +128,14 @@ def _session_or_die() -> _Session:
     return _session
 
 
-def init(*, dev: bool | None = None, **ray_init_kwargs: Any) -> None:
+def init(*, dev: bool | None = None, placement_wait_s: float | None = None, **ray_init_kwargs: Any) -> None:
     """Connect to (or start) Ray and choose the key service, exactly as the README's table says.
 
     Args:
         dev: True starts the development key service in this process even when connecting to an
             existing cluster; None (default) starts it only for a new local cluster.
+        placement_wait_s: how long a confidential call waits for a qualifying attested node before
+            ``NoAttestedNodeError`` (default ``$RAY_CONFIDENTIAL_PLACEMENT_WAIT_S``, else 60 s).
         **ray_init_kwargs: passed to ``ray.init`` unchanged.
 
     Raises:
@@ -132,6 +145,7 @@ def init(*, dev: bool | None = None, **ray_init_kwargs: Any) -> None:
     with _lock:
         if _session is not None:
             raise RuntimeError("ray_confidential is already initialised; call rc.shutdown() first")
+        wait_s = _placement_wait(placement_wait_s)
         address = ray_init_kwargs.get("address")
         implicit = _ray_compat.running_cluster_address() if address in (None, "auto") else None
         connecting = address not in (None, "local") or implicit is not None
@@ -168,13 +182,35 @@ def init(*, dev: bool | None = None, **ray_init_kwargs: Any) -> None:
 
             try:
                 services = start_dev_services(mode, service.state_dir, labelled=started)
+                registry = services.broker.attach_registry()  # the broker submits its statements
             except BaseException:
+                if services is not None:
+                    services.stop()
                 if started:
                     ray.shutdown()
                 raise
         _session = _Session(
-            key_service=service, owner=owner, mode=mode, started_ray=started, services=services
+            key_service=service,
+            owner=owner,
+            mode=mode,
+            started_ray=started,
+            services=services,
+            placement_wait_s=wait_s,
         )
+        if services is not None:
+            _session.registry_verifier, _session.registry = services.broker.statement_verifier, registry
+
+
+def _placement_wait(value: float | None) -> float:
+    if value is None:
+        raw = os.environ.get(PLACEMENT_WAIT_ENV)
+        try:
+            value = float(raw) if raw else DEFAULT_PLACEMENT_WAIT_S
+        except ValueError:
+            raise ValueError(f"{PLACEMENT_WAIT_ENV}={raw!r} is not a number of seconds") from None
+    if not 0 <= value <= 3600:
+        raise ValueError(f"placement_wait_s must be between 0 and 3600 seconds, got {value}")
+    return float(value)
 
 
 def _configured_key_service() -> KeyService:
@@ -206,6 +242,7 @@ def shutdown() -> None:
         except Exception as exc:  # metrics never block shutdown
             logger.warning("ray_confidential: could not flush metrics: %s", exc)
     if session is not None and session.services is not None:
+        session.services.broker.detach_registry()
         session.services.stop()  # executors this init started, and its broker reference
     if session is not None and session.started_ray and ray.is_initialized():
         ray.shutdown()

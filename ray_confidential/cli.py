@@ -136,6 +136,7 @@ _PLUGINS: dict[str, tuple[str, str]] = {
     "audit": ("ray_confidential.kbs.audit_cli", "verify the broker's audit log"),
     "executor": ("enclave_actors.cli", "the enclave executor daemon (started by the node image)"),
     "pools": ("scheduler.cli", "render node pools for the Ray cluster launcher or KubeRay"),
+    "status": ("scheduler.status_cli", "nodes, pools, TEE kinds and executor attestation state"),
 }
 
 

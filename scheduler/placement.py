@@ -191,6 +191,38 @@ def _parse_selector_value(value: str) -> tuple[bool, tuple[str, ...]]:
     return neg, vals
 
 
+def check_refused_options(ray_options: Mapping[str, Any]) -> None:
+    """Refuse Ray options that could place a call outside the policy (no policy needed: decoration
+    time). Also checks the syntax of a ``label_selector``.
+
+    Raises:
+        ValueError: ``fallback_strategy``, a scheduling strategy other than the default, placement
+            groups, legacy node labels, or a malformed ``label_selector`` value.
+        TypeError: ``label_selector`` is not a dict of strings.
+    """
+    for key, why in REFUSED_OPTIONS.items():
+        v = ray_options.get(key)
+        if (
+            v is not None
+            and v != "default"
+            and not (key == "placement_group_capture_child_tasks" and v is False)
+        ):
+            raise ValueError(f"option {key}={v!r} is refused for confidential calls: {why}")
+    strategy = ray_options.get("scheduling_strategy")
+    if strategy not in (None, "DEFAULT"):
+        raise ValueError(
+            f"scheduling_strategy={strategy!r} is refused for confidential calls: placement sets a hard "
+            "label_selector; to narrow to nodes, pass label_selector={'ray.io/node-id': 'in(<id>,...)'}"
+        )
+    selector = ray_options.get("label_selector") or {}
+    if not isinstance(selector, Mapping):
+        raise TypeError("label_selector must be a dict of label key -> selector value")
+    for key, value in selector.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError("label_selector keys and values must be strings")
+        _parse_selector_value(value)
+
+
 def apply_ray_options(
     req: Requirement, ray_options: Mapping[str, Any] | None
 ) -> tuple[Requirement, dict[str, str]]:
@@ -206,20 +238,7 @@ def apply_ray_options(
     """
     if not ray_options:
         return req, {}
-    for key, why in REFUSED_OPTIONS.items():
-        v = ray_options.get(key)
-        if (
-            v is not None
-            and v != "default"
-            and not (key == "placement_group_capture_child_tasks" and v is False)
-        ):
-            raise ValueError(f"option {key}={v!r} is refused for confidential calls: {why}")
-    strategy = ray_options.get("scheduling_strategy")
-    if strategy not in (None, "DEFAULT"):
-        raise ValueError(
-            f"scheduling_strategy={strategy!r} is refused for confidential calls: placement sets a hard "
-            "label_selector; to narrow to nodes, pass label_selector={'ray.io/node-id': 'in(<id>,...)'}"
-        )
+    check_refused_options(ray_options)
     selector = ray_options.get("label_selector") or {}
     if not isinstance(selector, Mapping):
         raise TypeError("label_selector must be a dict of label key -> selector value")
@@ -293,11 +312,14 @@ def label_selector(
     extra: Mapping[str, str] | None = None,
     max_nodes: int | None = None,
     rng: random.Random | None = None,
+    labels: bool = True,
 ) -> dict[str, str]:
     """The stock Ray ``label_selector`` for ``nodes`` (already qualified) and ``req``'s labels.
 
     ``max_nodes`` bounds the selector for large clusters: a random subset of that many qualifying
     nodes (a subset of qualifying nodes is still only qualifying nodes; see docs/placement.md).
+    ``labels=False`` leaves out the tee/pool/region keys (nodes Ray could not label, e.g. the driver's
+    node under ``rc.init(dev=True)`` in a running cluster: the registry's node ids alone select).
     """
     if not nodes:
         raise ValueError("no qualifying node to select")
@@ -306,7 +328,7 @@ def label_selector(
         ids = sorted((rng or random.SystemRandom()).sample(ids, max_nodes))
     sel = {NODE_ID_LABEL: f"in({','.join(ids)})"}
     for key, values in ((TEE_LABEL, req.tee_kinds), (POOL_LABEL, req.pools), (REGION_LABEL, req.regions)):
-        if ANY not in values:
+        if labels and ANY not in values:
             sel[key] = f"in({','.join(values)})"
     for k, v in (extra or {}).items():
         sel.setdefault(k, v)
@@ -330,6 +352,8 @@ class Placer:
         pools_config: the owner's pools file; entries outside it, or failing residency, are excluded.
         max_selector_nodes: bound on node ids per selector (``None`` = all qualifying nodes).
         describe_cluster: extra text for the error (e.g. nodes labelled as TEEs but not registered).
+        labels: intersect with the nodes' tee/pool/region labels (see :func:`label_selector`).
+        on_miss: called when no node qualifies, before waiting (e.g. drop a cached registry view).
         clock, monotonic, sleep: injected time (tests pass fakes).
     """
 
@@ -342,6 +366,8 @@ class Placer:
         pools_config: PoolsConfig | None = None,
         max_selector_nodes: int | None = None,
         describe_cluster: Callable[[], str] | None = None,
+        labels: bool = True,
+        on_miss: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
@@ -357,6 +383,8 @@ class Placer:
         self.pools_config = pools_config
         self.max_selector_nodes = max_selector_nodes
         self.describe_cluster = describe_cluster
+        self.labels = labels
+        self.on_miss = on_miss
         self._clock = clock
         self._monotonic = monotonic
         self._sleep = sleep
@@ -404,12 +432,19 @@ class Placer:
             if nodes:
                 return {
                     "label_selector": label_selector(
-                        req, nodes, extra=extra, max_nodes=self.max_selector_nodes, rng=self._rng
+                        req,
+                        nodes,
+                        extra=extra,
+                        max_nodes=self.max_selector_nodes,
+                        rng=self._rng,
+                        labels=self.labels,
                     )
                 }
             remaining = deadline - self._monotonic()
             if remaining <= 0:
                 break
+            if self.on_miss is not None:
+                self.on_miss()
             self._sleep(min(self.poll_s, remaining))
         detail = describe_entries(entries)
         if self.describe_cluster is not None:

@@ -109,7 +109,15 @@ def get_or_create_registry(
         max_restarts=-1,
         label_selector={NODE_ID_LABEL: node},
     ).remote(verifier.public_pem(), verifier.registry_id, path, verifier.max_age, verifier.leeway)
-    identity = tuple(ray.get(handle.identity.remote()))  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 30
+    while True:  # an actor that is restarting answers once it has reloaded its file
+        try:
+            identity = tuple(ray.get(handle.identity.remote()))  # type: ignore[attr-defined]
+            break
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
     if identity != (verifier.registry_id, verifier.fingerprint):
         raise StatementRejected(
             f"registry actor {REGISTRY_ACTOR_NAME!r} is pinned to {identity}, expected "
@@ -168,6 +176,10 @@ class RegistryClient:
             self._fetched_at = m
         return [e for e in self._last if e.expires_at > t]
 
+    def invalidate(self) -> None:
+        """Fetch again on the next :meth:`entries` (the placer calls this while it waits for a node)."""
+        self._fetched_at = None
+
     def _fetch(self) -> list[RegistryEntry]:
         raw: list[bytes] = ray.get(self._actor().statements.remote())
         newest: dict[str, RegistryEntry] = {}
@@ -196,6 +208,7 @@ class RegistryClient:
 
     def placer(self, **kwargs: Any) -> Placer:
         """A :class:`~scheduler.placement.Placer` over this client (kwargs: wait_s, pools_config, ...)."""
+        kwargs.setdefault("on_miss", self.invalidate)
         return Placer(self.entries, describe_cluster=self.describe_cluster, **kwargs)
 
     def _verify(self, data: bytes) -> RegistryEntry | None:

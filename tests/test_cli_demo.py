@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,19 +28,58 @@ def _cli(*args: str, env: dict[str, str], timeout: int = 240) -> subprocess.Comp
 
 
 @pytest.mark.ray
-def test_demo_runs_on_a_fresh_home(tmp_path: Path) -> None:
+@pytest.mark.parametrize("auth_mode", ["token", "disabled"])
+def test_demo_tells_the_story_on_a_fresh_home(tmp_path: Path, auth_mode: str) -> None:
+    """`ray-confidential demo` as a new user runs it: fresh HOME (no Ray token, no key state), the
+    caller's RAY_AUTH_MODE; every story line, the liar's denial, and the owner's off-cluster open."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_CONFIDENTIAL_STATE_DIR", "RAY_ADDRESS")}
     env["HOME"] = str(tmp_path / "home")
+    env["RAY_AUTH_MODE"] = auth_mode
     env.pop("XDG_STATE_HOME", None)
-    proc = _cli("demo", "--rows", "50000", env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    for n in range(1, 8):
-        assert f"[{n}/7]" in proc.stdout
-    assert "demo: OK" in proc.stdout
-    exported = tmp_path / "home" / ".local" / "state" / "ray-confidential" / "demo" / "patients.sealed"
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the demo binds loopback by itself
+    proc = _cli("demo", "--rows", "50000", env=env, timeout=180)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr[-3000:]
+    for n in range(1, 13):
+        assert f"[{n}/12]" in out, n
+    assert "FAILED" not in out and "demo: OK, every check held" in out
+    assert re.search(r"head node at 127\.0\.0\.1:\d+", out), "the cluster must bind loopback"
+    liar = re.search(r"node ([0-9a-f]{12})  \(LIES", out)
+    assert liar, out
+    # Where each ran: the attested nodes of the pools asked for, never the liar.
+    assert re.search(
+        r"glucose_summary ran inside the executor on node [0-9a-f]{12} \(sev-snp, pool=eu-hospital\)", out
+    )
+    assert re.search(r"CohortCounter on node [0-9a-f]{12} \(tdx, pool=us-research\)", out)
+    assert "Enclave[tdx pool=us-research attested-until=" in out
+    assert "ok: the liar ran neither" in out
+    ran_on = re.findall(r"(?:executor on node|CohortCounter on node) ([0-9a-f]{12})", out)
+    assert len(ran_on) == 2 and liar.group(1) not in ran_on
+    # The liar's key request: refused, and the broker's audit log says so for that node.
+    assert "ok: refused: KeyReleaseDenied" in out
+    assert re.search(rf"broker audit: #\d+ \S+ attest deny .*node_id={liar.group(1)}", out)
+    assert "ok: no token and no data key was ever granted to the liar" in out
+    assert "ok: refused: AttestationError" in out  # the ordinary task at the attestation device
+    assert "ok: the sealed table: marker not found" in out and "ok: marker not found in any spill file" in out
+    assert re.search(r"unwrap grant node_id=[0-9a-f]{12}", out) and "ok: the audit log verifies" in out
+    assert "checkpoint at seq" in out
+    assert re.search(r"Ray dashboard: http://127\.0\.0\.1:\d+", out)
+    # The owner opens the exported bytes off-cluster, after the demo (and its cluster) ended.
+    demo_dir = tmp_path / "home" / ".local" / "state" / "ray-confidential" / "demo"
+    exported = demo_dir / "patients.sealed"
     assert exported.is_file() and b"PATIENT-PLAINTEXT" not in exported.read_bytes()
     opened = _cli("open", str(exported), env=env)
-    assert opened.returncode == 0 and "50,000 rows" in opened.stdout
+    assert opened.returncode == 0 and "50,000 rows" in opened.stdout, opened.stdout + opened.stderr
+    result = _cli("open", str(demo_dir / "glucose-summary.sealed"), env=env)
+    assert result.returncode == 0 and "mean_glucose" in result.stdout, result.stdout + result.stderr
+    # The copied audit log verifies after the broker is gone; a flipped byte does not.
+    log = demo_dir / "audit.log"
+    pinned = ["--public-key", str(demo_dir / "audit.pub")]
+    assert _cli("audit", "verify", str(log), *pinned, env=env).returncode == 0
+    data = bytearray(log.read_bytes())
+    data[len(data) // 2] ^= 1
+    log.write_bytes(bytes(data))
+    assert _cli("audit", "verify", str(log), *pinned, env=env).returncode == 1
 
 
 def test_domain_export_and_bad_input(tmp_path: Path) -> None:

@@ -28,6 +28,13 @@ def test_bootstrap_address_discovery_contract(monkeypatch: pytest.MonkeyPatch) -
     assert _ray_compat.running_cluster_address() == "127.0.0.1:6999"
 
 
+def test_auth_token_setup_contract() -> None:
+    from ray._private.authentication import authentication_token_setup as setup
+
+    params = inspect.signature(setup.ensure_token_if_auth_enabled).parameters
+    assert list(params)[:2] == ["system_config", "create_token_if_missing"]
+
+
 def test_cluster_utils_accepts_labels_and_resources() -> None:
     params = inspect.signature(Cluster.add_node).parameters
     assert "node_args" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())

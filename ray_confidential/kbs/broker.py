@@ -58,6 +58,15 @@ WIRE_CODES: Final = (
 )
 
 
+class StatementListener(Protocol):
+    """Issues trust-registry statements (``scheduler.statements.StatementIssuer``): an admit when a
+    routing-scope token is issued, revokes when an admin revocation covers routed nodes."""
+
+    def routing_granted(self, claims: TokenClaims) -> None: ...
+
+    def revoked(self, kind: str, value: str, reason: str) -> None: ...
+
+
 class Auditor(Protocol):
     """What the broker needs from the audit log (``ray_confidential.kbs.audit.AuditLog``): ``append``
     returns once the record is durable, and raises if it cannot be written (then nothing is released)."""
@@ -186,6 +195,8 @@ class Broker:
 
         self.revocations = RevocationList.from_dict(json.loads(raw)) if raw else RevocationList()
         self._revoke_lock = threading.Lock()
+        self.statement_listener: StatementListener | None = None
+        """Told of routing tokens and revocations; issues trust-registry statements (docs/placement.md)."""
         self._appraisal_cache: dict[tuple[str, str], AppraisalPolicy] = {}
         if settings.production:
             for name in self.domains.names():
@@ -300,6 +311,11 @@ class Broker:
         self._record("attest", decision="grant", token_id=claims_out.jti, measurement=measurement, tcb=tcb,
                      exp=claims_out.exp, **ctx)  # fmt: skip
         self.verifier.remember(token, claims_out)  # its first Unwrap skips re-verifying our own signature
+        if req.scope == "routing" and self.statement_listener is not None:
+            try:  # routing only: a failure here never changes the attestation decision
+                self.statement_listener.routing_granted(claims_out)
+            except Exception:
+                log.exception("registry statement for node %s not issued", req.node_id)
         return token, claims_out
 
     def _appraisal(self, d: DomainRecord) -> AppraisalPolicy:
@@ -539,6 +555,11 @@ class Broker:
                 self._store.put(REVOCATIONS_KEY, json.dumps(self.revocations.to_dict()).encode())
                 self._record("revoke", decision="grant", owner=who, kind=kind, value=value, reason=reason,
                              scope="global" if scope is None else "owner", epoch=epoch)  # fmt: skip
+            if scope is None and self.statement_listener is not None:
+                try:
+                    self.statement_listener.revoked(kind, value, reason)
+                except Exception:
+                    log.exception("registry revoke statement for %s=%s not issued", kind, value)
             return epoch
 
         result: int = self._owner_op("revoke", owner, {"kind": kind, "value": value}, op)
@@ -569,4 +590,13 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-__all__ = ["AttestRequest", "Auditor", "Broker", "BrokerSettings", "Denied", "KeyResponse", "tcb_label"]
+__all__ = [
+    "AttestRequest",
+    "Auditor",
+    "Broker",
+    "BrokerSettings",
+    "Denied",
+    "KeyResponse",
+    "StatementListener",
+    "tcb_label",
+]

@@ -19,7 +19,16 @@ admits only its own cluster id (A5: the same image joined to another cluster).
 Launch data (what an executor needs to use it) is a JSON file, mode 0600 in a 0700 directory, passed
 to executors by path: ``target``, ``release_public_key`` (PEM, pinned), ``dev_roots`` (hex of
 ``DevRootOfTrust.to_launch_data()``: simulated root private keys, development only), ``cluster_id``,
-``audience`` and ``env``. It never travels through Ray (runtime_env, env vars, GCS).
+``audience``, ``env`` and ``statement_public_key`` (PEM of the trust-registry statement key). It
+never travels through Ray (runtime_env, env vars, GCS).
+
+Trust registry (docs/placement.md): the broker holds a separate P-256 **statement key**. When an
+executor attests with scope ``routing`` (at start and on renewal) the broker signs an ``admit``
+(expiring with the routing token), and a ``revoke`` when a node is revoked. This broker runs inside
+the driver, a Ray process, so it submits them to the registry actor itself (:meth:`EmbeddedBroker.
+attach_registry`, called by ``rc.init``); statements issued before that (nodes that joined before
+``rc.init``) are kept, newest per node, and submitted on attach. The driver pins
+:attr:`EmbeddedBroker.statement_verifier` in its session; it never learns the key through Ray.
 
 :func:`shared` / :func:`release` keep one process-wide instance, reference counted, for ``rc.init``
 and ``testing.add_tee_node`` (nodes may be added before or after ``rc.init``).
@@ -34,14 +43,18 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import secrets
 import shutil
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from ray_confidential.crypto import hpke
 from ray_confidential.domains import DomainPolicy
@@ -51,6 +64,8 @@ from ray_confidential.kbs.domains import DomainError, DomainRecord, DomainRegist
 from ray_confidential.kbs.server import KBSServer
 from ray_confidential.kbs.store import MemoryStore
 from ray_confidential.keyservice import DevKeyService
+from scheduler.registry import RegistryVerifier, SignedStatement, StatementRejected, StatementSigner
+from scheduler.statements import StatementIssuer
 
 log = logging.getLogger("ray_confidential.kbs")
 
@@ -156,6 +171,73 @@ class DevKeyRegistry(DomainRegistry):
         return rec
 
 
+class RegistryRelay:
+    """Delivers signed statements to the registry actor from a background thread.
+
+    Until :meth:`attach` (and after :meth:`detach`) statements are only kept, the newest per node;
+    :meth:`attach` submits the kept ones that are still fresh. A refused submission is logged (the
+    actor refuses replays, e.g. a kept statement it already applied).
+    """
+
+    def __init__(self, *, max_age: float = 290.0) -> None:
+        self._kept: dict[str, SignedStatement] = {}
+        self._handle: Any = None
+        self._queue: queue.Queue[tuple[Any, SignedStatement] | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._max_age = max_age
+        self._thread = threading.Thread(target=self._run, name="rc-registry-relay", daemon=True)
+        self._thread.start()
+
+    def deliver(self, statement: SignedStatement) -> None:
+        body = json.loads(statement.payload)
+        with self._lock:
+            self._kept[str(body["node_id"])] = statement
+            if self._handle is not None:
+                self._queue.put((self._handle, statement))
+
+    def attach(self, handle: Any) -> None:
+        now = time.time()
+        with self._lock:
+            self._handle = handle
+            for st in sorted(self._kept.values(), key=lambda s: json.loads(s.payload)["seq"]):
+                if json.loads(st.payload)["iat"] >= now - self._max_age:
+                    self._queue.put((handle, st))
+
+    def detach(self) -> None:
+        with self._lock:
+            self._handle = None
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every queued statement was submitted (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.detach()
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        from scheduler.registry_actor import submit
+
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                handle, st = item
+                with self._lock:
+                    current = self._handle is handle
+                if current:
+                    submit(handle, st)
+            except StatementRejected:
+                log.info("registry refused a kept statement (already applied or stale)")
+            except Exception as exc:  # Ray gone, actor restarting: routing only, renewals follow
+                log.warning("could not submit a registry statement: %s", exc)
+            finally:
+                self._queue.task_done()
+
+
 def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -172,6 +254,12 @@ class EmbeddedBroker:
         self.launch_path = folder / "launch-data.json"
         self.audit_path = config.audit_path
         self._paused = False
+        self._statement_key = ec.generate_private_key(ec.SECP256R1())
+        self.statement_signer = StatementSigner(self._statement_key, registry_id=cluster_id)
+        self.statement_verifier: RegistryVerifier = self.statement_signer.verifier()
+        """The pinned statement key (``rc.init`` puts it in the driver's session)."""
+        self.relay = RegistryRelay()
+        broker.statement_listener = StatementIssuer(self.statement_signer, self.relay.deliver)
 
     @classmethod
     def start(
@@ -217,7 +305,43 @@ class EmbeddedBroker:
 
     def launch_data(self) -> dict[str, Any]:
         """The executor launch data (module docstring); holds simulated root keys: development only."""
-        return {**launch_data(self.config, self.port), "cluster_id": self.cluster_id}
+        return {**launch_data(self.config, self.port), "cluster_id": self.cluster_id,
+                "statement_public_key": self.statement_verifier.public_pem().decode()}  # fmt: skip
+
+    def attach_registry(self) -> Any:
+        """Create (or adopt) the cluster's registry actor and submit statements to it from now on.
+
+        Call from a process connected to Ray (``rc.init``). Development only: an existing actor
+        pinned to another key (a previous development broker, or a squatter) is killed and replaced;
+        drivers still verify every statement against their own pin.
+        """
+        import ray
+
+        from scheduler.registry_actor import REGISTRY_ACTOR_NAME, REGISTRY_NAMESPACE, get_or_create_registry
+
+        for _ in range(50):
+            try:
+                handle = get_or_create_registry(self.statement_verifier)
+                break
+            except StatementRejected:
+                log.warning("development broker: replacing a registry actor pinned to another key")
+                try:
+                    ray.kill(
+                        ray.get_actor(REGISTRY_ACTOR_NAME, namespace=REGISTRY_NAMESPACE), no_restart=True
+                    )
+                except ValueError:
+                    pass
+                time.sleep(0.1)
+            except ValueError:  # the name is still held by the dying actor
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("could not create the trust registry actor")
+        self.relay.attach(handle)
+        return handle
+
+    def detach_registry(self) -> None:
+        """Stop submitting (before the driver disconnects from Ray); statements are kept."""
+        self.relay.detach()
 
     def revoke(self, kind: str, value: str, reason: str = "") -> int:
         """Revoke (``node``, ``measurement``, ``tcb``, ``token``, ``bundle``) for every domain; the epoch."""
@@ -248,6 +372,7 @@ class EmbeddedBroker:
         if not self._paused:
             self.server.stop(grace=0)
             self._paused = True
+        self.relay.close()
         self.broker.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -294,4 +419,4 @@ def release() -> None:
             broker.stop()
 
 
-__all__ = ["DevKeyRegistry", "EmbeddedBroker", "current", "release", "shared"]
+__all__ = ["DevKeyRegistry", "EmbeddedBroker", "RegistryRelay", "current", "release", "shared"]

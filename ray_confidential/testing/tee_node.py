@@ -4,7 +4,8 @@
     node = add_tee_node(cluster, tee="sev-snp", num_cpus=1)      # a ray._private.node.Node
     rc.init(address=cluster.address, dev=True)                  # before or after add_tee_node
 
-The node carries the label ``ray-confidential.io/tee=<tee>``; its raylet (and so every Ray worker
+The node carries the label ``ray-confidential.io/tee=<tee>`` (and ``pool`` / ``region`` labels when
+given); its raylet (and so every Ray worker
 on it) gets ``RAY_CONFIDENTIAL_EXECUTOR_SOCKET`` pointing at the executor started for it: a
 ``python -m enclave_actors.cli executor`` subprocess whose only key source is the embedded
 development broker of this process (``ray_confidential.kbs.embedded.shared()``, the same one
@@ -121,31 +122,58 @@ def start_executor(
 
 
 def add_tee_node(
-    cluster: Any, *, tee: str, trusted: bool = True, pool: str = "", region: str = "", **node_args: Any
+    cluster: Any,
+    *,
+    tee: str,
+    pool: str | None = None,
+    region: str | None = None,
+    trusted: bool = True,
+    debug: bool = False,
+    measurement: bytes | None = None,
+    **node_args: Any,
 ) -> Any:
-    """Add a node labelled ``ray-confidential.io/tee=<tee>`` with a simulated executor.
+    """Add a node labelled as a TEE node, with a simulated executor of that kind.
+
+    Labels: ``ray-confidential.io/tee=<tee>`` and, when given, ``ray-confidential.io/pool`` and
+    ``ray-confidential.io/region``. The executor declares the same pool and region to the broker
+    (bound into its tokens and registry admit) and attests for routing as it starts, so the node
+    enters the trust registry within about a second once ``rc.init`` attached it (nodes may join
+    before or after ``rc.init(address=cluster.address, dev=True)``).
 
     Args:
         cluster: a ``ray.cluster_utils.Cluster``.
         tee: ``"sev-snp"``, ``"tdx"``, ``"sgx"`` or ``"nitro"``.
-        trusted: False plays a node that claims to be a TEE but cannot attest.
-        pool, region: what the executor declares to the broker (bound into its tokens; a domain policy
-            naming pools or regions admits only matching nodes). Labels for them are placement's.
+        pool, region: label values (``scheduler.labels.check_label_value``).
+        trusted: False plays a node that claims to be a TEE but cannot attest (evidence under a
+            root nobody trusts): the broker issues it no token, it never enters the registry.
+        debug: the simulated TEE reports debug mode (a policy refusing debug TEEs refuses it).
+        measurement: the simulated TEE's measurement (default: the kind's default); a genuine TEE
+            running other software.
         **node_args: passed to ``Cluster.add_node`` (``labels`` and ``env_vars`` are merged).
             ``executor_args`` (a tuple of CLI flags) is passed to the executor instead.
 
     Returns:
         The ``ray._private.node.Node`` added.
     """
+    from scheduler.labels import POOL_LABEL, REGION_LABEL, check_label_value
+
     extra = tuple(node_args.pop("executor_args", ()))
+    if debug:
+        extra += ("--debug-tee",)
+    if measurement is not None:
+        extra += ("--measurement", measurement.hex())
+    labels = {**node_args.pop("labels", {}), TEE_LABEL: tee}
+    if pool is not None:
+        labels[POOL_LABEL] = check_label_value(pool, what="pool")
+    if region is not None:
+        labels[REGION_LABEL] = check_label_value(region, what="region")
     folder = tempfile.mkdtemp(prefix="rc-executor-")
     socket_path = os.path.join(folder, "executor.sock")
-    labels = {**node_args.pop("labels", {}), TEE_LABEL: tee}
     env_vars = {**node_args.pop("env_vars", {}), SOCKET_ENV: socket_path}
     node = cluster.add_node(labels=labels, env_vars=env_vars, **node_args)
     try:
-        start_executor(node_id=node.node_id, tee=tee, socket_path=socket_path, trusted=trusted, pool=pool,
-                       region=region, extra_args=extra)  # fmt: skip
+        start_executor(node_id=node.node_id, tee=tee, socket_path=socket_path, trusted=trusted, pool=pool or "",
+                       region=region or "", extra_args=extra)  # fmt: skip
     except BaseException:
         cluster.remove_node(node)
         raise

@@ -47,7 +47,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     c = Cluster(initialize_head=True, head_node_args={**spill_config(spill), "num_cpus": 1})
     tee = add_tee_node(c, tee="sev-snp", num_cpus=2, object_store_memory=80 << 20,
                        executor_args=("--poll-interval", "0.5"))  # fmt: skip
-    rc.init(address=c.address, dev=True)  # after one node joined ...
+    rc.init(address=c.address, dev=True, placement_wait_s=2)  # after one node joined ...
     liar = add_tee_node(
         c, tee="tdx", trusted=False, num_cpus=1, object_store_memory=80 << 20
     )  # ... one after
@@ -92,11 +92,24 @@ def test_arrow_input(cluster: dict[str, Any]) -> None:
 
 
 def test_a7_node_claiming_tee_labels_gets_no_key(cluster: dict[str, Any]) -> None:
+    from enclave_actors.remote import _shim_task, encode_call
+    from ray_confidential.errors import NoAttestedNodeError
+
     arg = rc.put(np.arange(3.0), domain="exec-a")
-    ref = conf_funcs.total.options(tee="tdx").remote(arg)
-    with pytest.raises(KeyReleaseDenied, match="refused a token"):
-        rc.get(ref)
+    # Placement never selects it: it holds no routing token, so it is not in the trust registry.
+    started = time.monotonic()
+    with pytest.raises(
+        NoAttestedNodeError, match=r"tee=tdx.*labelled as TEEs but holding no routing token: 1 x tdx"
+    ):
+        conf_funcs.total.options(tee="tdx").remote(arg)
+    assert time.monotonic() - started < 10
+    # Forced onto it by hand (a raw shim task with a node-id selector): the broker refuses the key.
     liar = cluster["liar"].node_id
+    spec, refs = encode_call((arg,), {})
+    spec.update(domain="exec-a", timeout_s=None, recipient=None)
+    forced = ray.remote(_shim_task).options(label_selector={"ray.io/node-id": liar}, max_retries=0)
+    with pytest.raises(KeyReleaseDenied, match="refused a token"):
+        ray.get(forced.remote(spec, conf_funcs.total.bundle, *refs))
     records = cluster["broker"].audit_records()
     denied = [r for r in records if r["event"] == "attest" and r.get("node_id") == liar]
     assert denied and all(r["decision"] == "deny" for r in denied), "the liar's attempt must be audited"
@@ -311,7 +324,19 @@ def test_zz_revoking_the_node_stops_its_actors_and_calls(cluster: dict[str, Any]
         os.kill(pid, 0)  # the actor's subprocess stopped within the poll interval
     with pytest.raises(SealedTaskError, match="state is lost"):
         rc.get(acc.add.remote([1]))
-    with pytest.raises(KeyReleaseDenied, match="refused a token"):
-        rc.get(_snp(conf_funcs.total).remote(rc.put(np.arange(2.0), domain="exec-a")))
+    from enclave_actors.remote import _shim_task, encode_call
+    from ray_confidential.errors import NoAttestedNodeError
+
+    arg = rc.put(np.arange(2.0), domain="exec-a")
+    # The broker's signed revoke removed it from the trust registry: placement no longer selects it.
+    with pytest.raises(NoAttestedNodeError, match="no attested node qualifies"):
+        _snp(conf_funcs.total).remote(arg)
+    spec, refs = encode_call((arg,), {})
+    spec.update(domain="exec-a", timeout_s=None, recipient=None)
+    forced = ray.remote(_shim_task).options(
+        label_selector={"ray.io/node-id": cluster["tee"].node_id}, max_retries=0
+    )
+    with pytest.raises(KeyReleaseDenied, match="refused a token"):  # forced there by hand: no key
+        ray.get(forced.remote(spec, conf_funcs.total.bundle, *refs))
     assert any(r["event"] == "attest" and r["decision"] == "deny" and "revoked node" in r["reason"]
                for r in cluster["broker"].audit_records())  # fmt: skip
