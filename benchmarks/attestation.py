@@ -13,6 +13,14 @@ skipped. Writes JSON and prints a one-line summary. Goals (issue 3): SNP >= 1,00
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+if __package__ in (None, ""):  # run as a script: import from the repository root, where the
+    _sys.path[0] = str(
+        _Path(__file__).resolve().parents[1]
+    )  # packages are (benchmarks/scheduler.py would shadow one)
+
 import argparse
 import json
 import os

@@ -19,6 +19,14 @@ open loop 150/s p99 <= 20 ms; cached unwraps >= 2,000/s. Figures and what limits
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+if __package__ in (None, ""):  # run as a script: import from the repository root, where the
+    _sys.path[0] = str(
+        _Path(__file__).resolve().parents[1]
+    )  # packages are (benchmarks/scheduler.py would shadow one)
+
 import argparse
 import contextlib
 import json
@@ -41,14 +49,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore", category=UserWarning)
 
-from ray_confidential.attestation.binding import Binding  # noqa: E402
-from ray_confidential.attestation.evidence import Evidence  # noqa: E402
-from ray_confidential.crypto import hpke  # noqa: E402
-from ray_confidential.kbs.challenges import ChallengeStore  # noqa: E402
-from ray_confidential.kbs.client import KBSClient  # noqa: E402
-from ray_confidential.sealed.format import DomainPublicKey, seal  # noqa: E402
-from ray_confidential.testing.simulated import DevRootOfTrust, SimulatedTEE  # noqa: E402
-from tests.kbs.broker_env import BUNDLE, CLUSTER, PKI, PROFILE, pinned_policy  # noqa: E402
+from ray_confidential.attestation.binding import Binding
+from ray_confidential.attestation.evidence import Evidence
+from ray_confidential.crypto import hpke
+from ray_confidential.kbs.challenges import ChallengeStore
+from ray_confidential.kbs.client import KBSClient
+from ray_confidential.sealed.format import DomainPublicKey, seal
+from ray_confidential.testing.simulated import DevRootOfTrust, SimulatedTEE
+from tests.kbs.broker_env import BUNDLE, CLUSTER, PKI, PROFILE, pinned_policy
 
 DOMAIN = "bench"
 

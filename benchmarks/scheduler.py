@@ -32,12 +32,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from ray_confidential.domains import DomainPolicy  # noqa: E402
-from scheduler.labels import NODE_ID_LABEL, POOL_LABEL, REGION_LABEL, TEE_LABEL  # noqa: E402
-from scheduler.placement import Placer  # noqa: E402
-from scheduler.registry import RegistryEntry, StatementSigner, TrustRegistry  # noqa: E402
+from ray_confidential.domains import DomainPolicy
+from scheduler.labels import NODE_ID_LABEL, POOL_LABEL, REGION_LABEL, TEE_LABEL
+from scheduler.placement import Placer
+from scheduler.registry import RegistryEntry, StatementSigner, TrustRegistry
 
 POLICY = DomainPolicy(dev=True)
 

@@ -12,6 +12,14 @@ p50; >= 0.7x small-call throughput.
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+if __package__ in (None, ""):  # run as a script: import from the repository root, where the
+    _sys.path[0] = str(
+        _Path(__file__).resolve().parents[1]
+    )  # packages are (benchmarks/scheduler.py would shadow one)
+
 import argparse
 import json
 import os
