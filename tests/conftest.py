@@ -42,3 +42,9 @@ from hypothesis import settings as _hypothesis_settings  # noqa: E402
 _hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     _hypothesis_settings.load_profile("ci")
+
+# Ray 2.60 with RAY_AUTH_MODE=token needs a token file; `ray.init` creates one for a new local
+# cluster but `ray.cluster_utils.Cluster` does not (its GCS aborts). On a fresh HOME, create it first.
+from ray_confidential import _ray_compat  # noqa: E402
+
+_ray_compat.ensure_auth_token()

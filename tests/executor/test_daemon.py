@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -29,6 +31,9 @@ REPO = Path(__file__).resolve().parents[2]
 TOTAL = from_callable(conf_funcs.total)
 DROP_PRIVS = ["setpriv", "--bounding-set=-sys_ptrace,-dac_override,-dac_read_search", "--inh-caps=-all"]
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--inh-caps=-all"]
+# Stdlib-only attacker scripts run on the base interpreter: a virtualenv inside a directory only root
+# can read (as a fresh CI clone may be) is not executable by ``nobody``.
+BASE_PYTHON = getattr(sys, "_base_executable", sys.executable)
 
 
 def _stats(env: Env) -> dict:
@@ -191,12 +196,17 @@ def test_a6_a7_device_answers_only_the_executor(env: Env) -> None:
     with pytest.raises(AttestationError, match="refused"):
         request_evidence(env.executor.device_socket, binding)  # same user, other process
     assert oct(os.stat(env.executor.device_socket).st_mode & 0o777) == "0o600"
-    code = ("from enclave_actors.device import request_evidence\n"
-            "from ray_confidential.attestation.binding import Binding\nimport os\n"
-            f"request_evidence({env.executor.device_socket!r}, Binding(nonce=bytes(32), executor_public_key=bytes(32), "
-            "hpke_suite='x25519', cluster_id='dev', bundle_digest=bytes(32)))")  # fmt: skip
-    out = subprocess.run([*NOBODY, sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode != 0 and "AttestationError" in out.stderr
+    # Another user (the Ray user is not the executor's) cannot even connect to the device socket.
+    # Stdlib only, from a world-readable directory: the checkout may sit in a directory only root reads.
+    code = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    print('refused')\n"
+        "else:\n    print('connected')\n"
+    )
+    out = subprocess.run([*NOBODY, BASE_PYTHON, "-c", code, env.executor.device_socket],
+                         capture_output=True, text=True, cwd="/")  # fmt: skip
+    assert out.stdout.strip() == "refused", out.stdout + out.stderr
 
 
 def test_a6_executor_memory_is_not_readable(env: Env) -> None:
@@ -222,8 +232,15 @@ def test_a6_executor_memory_is_not_readable(env: Env) -> None:
 
 
 def _attack(prefix: list[str], pid: int, marker: str) -> dict:
-    out = subprocess.run([*prefix, sys.executable, "-m", "tests.executor.attacker", str(pid), marker],
-                         capture_output=True, text=True, cwd=REPO, check=True)  # fmt: skip
+    # The attacker script is stdlib only; run it from a world-readable copy, since the checkout may
+    # sit in a directory that another user (``nobody``) cannot read.
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o755)
+        script = Path(tmp) / "attacker.py"
+        shutil.copyfile(Path(__file__).with_name("attacker.py"), script)
+        os.chmod(script, 0o644)
+        out = subprocess.run([*prefix, BASE_PYTHON, str(script), str(pid), marker],
+                             capture_output=True, text=True, cwd="/", check=True)  # fmt: skip
     return dict(json.loads(out.stdout))
 
 
