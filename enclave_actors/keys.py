@@ -220,16 +220,15 @@ class KBSKeyReleaser:
         except BrokerUnavailableError as exc:
             raise self._unavailable(exc) from None
 
-    def grant(
+    def _attest(
         self,
-        *,
-        bundle_digest: bytes,
-        domains: tuple[str, ...],
         executor_key: hpke.PrivateKeyHandle,
-        now: float,
-    ) -> Grant:
-        from ray_confidential.kbs.client import BrokerRefusedError
-
+        bundle_digest: bytes,
+        *,
+        scope: str,
+        domains: tuple[str, ...] | None = None,
+    ) -> Any:
+        """Challenge, evidence bound to this executor key, cluster and bundle, then a token of ``scope``."""
         facts = self._facts
 
         def attest(client: Any) -> Any:
@@ -241,13 +240,26 @@ class KBSKeyReleaser:
                 evidence = self._evidence(binding)
             except AttestationError as exc:
                 raise KeyReleaseDenied(f"attestation failed: {exc}") from None
+            extra = {} if domains is None else {"domains": domains}
             return client.attest(challenge, evidence, profile=facts.profile, executor_key=executor_key,
-                                 cluster_id=facts.cluster_id, bundle_digest=bundle_digest, scope="release",
+                                 cluster_id=facts.cluster_id, bundle_digest=bundle_digest, scope=scope,
                                  node_id=facts.node_id, pool=facts.pool or UNSET, region=facts.region or UNSET,
-                                 domains=domains)  # fmt: skip
+                                 **extra)  # fmt: skip
+
+        return self._run(attest)
+
+    def grant(
+        self,
+        *,
+        bundle_digest: bytes,
+        domains: tuple[str, ...],
+        executor_key: hpke.PrivateKeyHandle,
+        now: float,
+    ) -> Grant:
+        from ray_confidential.kbs.client import BrokerRefusedError
 
         try:
-            token = self._run(attest)
+            token = self._attest(executor_key, bundle_digest, scope="release", domains=domains)
         except BrokerRefusedError as exc:
             raise KeyReleaseDenied(
                 f"the key broker refused a token for this call ({exc.code}): attestation failed, or a domain "
@@ -265,23 +277,8 @@ class KBSKeyReleaser:
         """
         from ray_confidential.kbs.client import BrokerRefusedError
 
-        facts = self._facts
-
-        def attest(client: Any) -> Any:
-            challenge = client.challenge()
-            binding = challenge.binding(
-                executor_key, cluster_id=facts.cluster_id, bundle_digest=ROUTING_BUNDLE
-            )
-            try:
-                evidence = self._evidence(binding)
-            except AttestationError as exc:
-                raise KeyReleaseDenied(f"attestation failed: {exc}") from None
-            return client.attest(challenge, evidence, profile=facts.profile, executor_key=executor_key,
-                                 cluster_id=facts.cluster_id, bundle_digest=ROUTING_BUNDLE, scope="routing",
-                                 node_id=facts.node_id, pool=facts.pool or UNSET, region=facts.region or UNSET)  # fmt: skip
-
         try:
-            token = self._run(attest)
+            token = self._attest(executor_key, ROUTING_BUNDLE, scope="routing")
         except BrokerRefusedError as exc:
             raise KeyReleaseDenied(f"the key broker refused a routing token ({exc.code})") from None
         return float(token.expires_at)
