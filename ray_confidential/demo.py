@@ -176,13 +176,23 @@ def _story(story: _Story, cluster: Any, spill_dir: Path, rows: int) -> int:
     marker = MARKER.encode()
     story.step(2, "Adding three nodes that say they are TEEs, each with a simulated enclave executor:")
     nodes: dict[str, Any] = {}
+
+    def add(**kwargs: Any) -> Any:
+        # On a loaded laptop a raylet can miss Ray's fixed 30 s registration window; try once more.
+        for attempt in (1, 2):
+            try:
+                return add_tee_node(cluster, num_cpus=1, object_store_memory=80 << 20, **kwargs)
+            except Exception as exc:
+                if attempt == 2 or "timed out during startup" not in str(exc):
+                    raise
+                story.detail("a node was slow to register with Ray; starting it again")
+        raise AssertionError("unreachable")
+
     for tee, pool in TRUSTED:
-        nodes[tee] = add_tee_node(cluster, tee=tee, pool=pool, num_cpus=1, object_store_memory=80 << 20)
+        nodes[tee] = add(tee=tee, pool=pool)
         story.detail(f"{tee:8} pool={pool:12} node {_short(nodes[tee].node_id)}  (attests under the "
                      f"simulated root the broker trusts)")  # fmt: skip
-    liar = add_tee_node(
-        cluster, tee=LIAR[0], pool=LIAR[1], trusted=False, num_cpus=1, object_store_memory=80 << 20
-    )
+    liar = add(tee=LIAR[0], pool=LIAR[1], trusted=False)
     story.detail(f"{LIAR[0]:8} pool={LIAR[1]:12} node {_short(liar.node_id)}  (LIES: its device signs under a "
                  f"root nobody trusts)")  # fmt: skip
     rc.init(address=cluster.address, dev=True)
