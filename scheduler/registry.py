@@ -180,6 +180,21 @@ class RegistryEntry:
     seq: int
     issued_at: int
 
+    @classmethod
+    def from_admit(cls, body: Statement) -> RegistryEntry:
+        """The entry an admit statement's (verified) body describes."""
+        return cls(
+            node_id=body.node_id,
+            tee=body.tee,
+            pool=body.pool,
+            region=body.region,
+            measurement=body.measurement,
+            claims=body.claims,
+            expires_at=body.exp,
+            seq=body.seq,
+            issued_at=body.iat,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "node_id": self.node_id,
@@ -492,18 +507,7 @@ class TrustRegistry:
             self._entries.pop(body.node_id, None)
             log.info("registry: node %s revoked: %s", body.node_id, body.reason)
             return
-        entry = RegistryEntry(
-            node_id=body.node_id,
-            tee=body.tee,
-            pool=body.pool,
-            region=body.region,
-            measurement=body.measurement,
-            claims=body.claims,
-            expires_at=body.exp,
-            seq=body.seq,
-            issued_at=body.iat,
-        )
-        self._entries[body.node_id] = (entry, statement)
+        self._entries[body.node_id] = (RegistryEntry.from_admit(body), statement)
 
     def prune(self, *, now: float | None = None, alive: Collection[str] | None = None) -> list[str]:
         """Drop expired entries and, when ``alive`` is given, nodes not in it. Returns dropped ids."""

@@ -220,17 +220,7 @@ class RegistryClient:
             st = SignedStatement.from_bytes(data)
             body = self.verifier.verify(st, now=0, fresh=False)
             if body.kind == "admit":
-                entry = RegistryEntry(
-                    node_id=body.node_id,
-                    tee=body.tee,
-                    pool=body.pool,
-                    region=body.region,
-                    measurement=body.measurement,
-                    claims=body.claims,
-                    expires_at=body.exp,
-                    seq=body.seq,
-                    issued_at=body.iat,
-                )
+                entry = RegistryEntry.from_admit(body)
         except StatementRejected as exc:
             log.warning("trust registry actor returned a statement that does not verify: %s", exc)
         if len(self._cache) >= MAX_CACHE:
