@@ -102,7 +102,7 @@ class ExecutorClient:
         else the per-node path where ``rc.init`` starts development executors (:func:`node_socket_path`).
 
         Raises:
-            NoAttestedNodeError: this node has no enclave executor.
+            KeyReleaseDenied: this node has no enclave executor.
         """
         path = resolve_socket_path()
         with cls._instances_lock:
@@ -290,7 +290,7 @@ def resolve_socket_path() -> str:
     """``$RAY_CONFIDENTIAL_EXECUTOR_SOCKET``, else :func:`node_socket_path` of this Ray node if present.
 
     Raises:
-        NoAttestedNodeError: neither exists (a confidential call placed on a node without executor).
+        KeyReleaseDenied: neither exists (a confidential call forced onto a node without executor).
     """
     path = os.environ.get(SOCKET_ENV)
     if path:
@@ -303,9 +303,10 @@ def resolve_socket_path() -> str:
         candidate = ""
     if candidate and os.path.exists(candidate):
         return candidate
-    raise NoAttestedNodeError(
+    raise KeyReleaseDenied(
         "this Ray node has no enclave executor (RAY_CONFIDENTIAL_EXECUTOR_SOCKET is unset and rc.init "
-        "started none here): a confidential call was placed on a node that is not a TEE node"
+        "started none here), so no key is released here: a confidential call was forced onto a node that "
+        "is not an attested TEE node"
     )
 
 

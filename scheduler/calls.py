@@ -101,7 +101,8 @@ def session_placer(session: Any) -> Placer:
         from scheduler.registry_actor import RegistryClient
 
         routing_nodes = getattr(session.services, "routing_nodes", ()) if session.services else ()
-        client = RegistryClient(_verifier(session), session.registry)
+        follow = getattr(session.key_service, "feed_source", None)  # a configured broker outside Ray
+        client = RegistryClient(_verifier(session), session.registry, follow=follow)
         session.placer = client.placer(wait_s=session.placement_wait_s, labels=not routing_nodes)
     placer: Placer = session.placer
     return placer

@@ -20,6 +20,7 @@ worker, where the head and any job can run code (design.md section 2). So:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -44,32 +45,83 @@ REGISTRY_NAMESPACE: Final = "ray-confidential"
 MAX_CACHE: Final = 100_000
 DEFAULT_MAX_STALENESS_S: Final = 1.0
 
+FeedSource = tuple[str, bytes | None]
+"""``(broker HOST:PORT, CA PEM or None for a development broker on loopback)``."""
+
 
 class RegistryActor:
     """Holds a :class:`TrustRegistry`; every method takes or returns bytes and plain values only."""
 
     def __init__(
-        self, public_pem: bytes, registry_id: str, path: str | None, max_age: int, leeway: int
+        self,
+        public_pem: bytes,
+        registry_id: str,
+        path: str | None,
+        max_age: int,
+        leeway: int,
+        follow: FeedSource | None = None,
     ) -> None:
         verifier = RegistryVerifier.from_pem(
             public_pem, registry_id=registry_id, max_age=max_age, leeway=leeway
         )
         self._registry = TrustRegistry(verifier, path=path)
+        self._lock = threading.Lock()  # the follower thread submits beside actor method calls
+        self._follower: Any = None
+        if follow is not None:  # given at creation, so a restarted actor follows again
+            self.follow(*follow)
 
     def submit(self, statement: bytes) -> None:
         """Apply one broker-signed statement (wire bytes); anything else is refused."""
         try:
             if not isinstance(statement, (bytes, bytearray)):
                 raise StatementRejected(f"expected statement bytes, got {type(statement).__name__}")
-            self._registry.submit(bytes(statement))
+            with self._lock:
+                self._registry.submit(bytes(statement))
         except StatementRejected as exc:
             log.warning("trust registry: refused a mutation: %s", exc)
             raise StatementRejected("registry statement refused") from None
 
     def statements(self) -> list[bytes]:
         """Signed admits of the current entries, after dropping expired and dead nodes."""
-        self._registry.prune(alive=_alive_node_ids())
-        return [s.to_bytes() for s in self._registry.statements()]
+        alive = _alive_node_ids()
+        with self._lock:
+            self._registry.prune(alive=alive)
+            return [s.to_bytes() for s in self._registry.statements()]
+
+    def follow(self, target: str, ca_pem: bytes | None) -> None:
+        """Pull statements from the broker at ``target`` (its ``GetStatements`` feed) from now on.
+
+        The broker outside Ray cannot call this actor, so the actor fetches (docs/placement.md
+        section 6). Every statement is verified on submit, so whoever names the broker can at worst
+        make the registry follow one that says nothing (availability), never admit a node.
+        """
+        if not isinstance(target, str) or not (ca_pem is None or isinstance(ca_pem, bytes)):
+            raise TypeError("follow(target: str, ca_pem: bytes | None)")
+        current = self._follower
+        if current is not None and (current.target, current.ca_cert) == (target, ca_pem):
+            return
+        from ray_confidential.kbs.statement_feed import StatementFollower
+
+        follower = StatementFollower(
+            target,
+            ca_cert=ca_pem,
+            registry_id=self._registry.verifier.registry_id,
+            submit=self._submit_quietly,
+        )
+        follower.start()
+        self._follower = follower
+        if current is not None:
+            current.stop()
+        log.info("trust registry: following the statement feed of %s", target)
+
+    def following(self) -> dict[str, Any] | None:
+        """The broker followed, statements applied from it, and its last error (None: not following)."""
+        f = self._follower
+        return None if f is None else {"target": f.target, "applied": f.applied, "last_error": f.last_error}
+
+    def _submit_quietly(self, statement: bytes) -> None:
+        with self._lock:
+            self._registry.submit(statement)
 
     def identity(self) -> tuple[str, str]:
         """``(registry id, statement-key fingerprint)`` this actor was created with."""
@@ -86,6 +138,7 @@ def get_or_create_registry(
     *,
     path: str | None = None,
     node_id: str | None = None,
+    follow: FeedSource | None = None,
 ) -> Any:
     """The cluster's registry actor, created (detached, restartable) if it does not exist.
 
@@ -93,6 +146,8 @@ def get_or_create_registry(
         verifier: the pinned statement key and registry id.
         path: persistence file on the actor's node (a restart reloads and re-verifies it).
         node_id: node to pin the actor to (default: this process's node), so a restart finds its file.
+        follow: ``(broker target, CA PEM)``: the actor pulls the broker's statement feed (a broker
+            outside Ray); an existing actor is told to follow it too.
 
     Raises:
         StatementRejected: an actor of that name exists with another registry id or statement key
@@ -108,7 +163,7 @@ def get_or_create_registry(
         num_cpus=0,
         max_restarts=-1,
         label_selector={NODE_ID_LABEL: node},
-    ).remote(verifier.public_pem(), verifier.registry_id, path, verifier.max_age, verifier.leeway)
+    ).remote(verifier.public_pem(), verifier.registry_id, path, verifier.max_age, verifier.leeway, follow)
     deadline = time.monotonic() + 30
     while True:  # an actor that is restarting answers once it has reloaded its file
         try:
@@ -123,6 +178,8 @@ def get_or_create_registry(
             f"registry actor {REGISTRY_ACTOR_NAME!r} is pinned to {identity}, expected "
             f"{(verifier.registry_id, verifier.fingerprint)}: refusing it"
         )
+    if follow is not None:
+        ray.get(handle.follow.remote(*follow))  # type: ignore[attr-defined]
     return handle
 
 
@@ -142,6 +199,8 @@ class RegistryClient:
             ``ray.nodes()`` per period, not per placement). A revoked or dead node stays routable
             that long; routing only, the broker refuses it keys at once (docs/placement.md).
         monotonic: clock for the staleness period.
+        follow: ``(broker target, CA PEM)`` of a broker outside Ray: the actor is created if missing
+            and pulls that broker's statement feed (docs/placement.md section 6).
     """
 
     def __init__(
@@ -152,9 +211,11 @@ class RegistryClient:
         alive: Callable[[], Collection[str]] | None = None,
         max_staleness_s: float = DEFAULT_MAX_STALENESS_S,
         monotonic: Callable[[], float] = time.monotonic,
+        follow: FeedSource | None = None,
     ) -> None:
         self.verifier = verifier
         self._handle = handle
+        self._follow = follow
         self._alive = alive or _alive_node_ids
         self._cache: dict[bytes, RegistryEntry | None] = {}
         self._last: list[RegistryEntry] = []
@@ -164,7 +225,10 @@ class RegistryClient:
 
     def _actor(self) -> Any:
         if self._handle is None:
-            self._handle = ray.get_actor(REGISTRY_ACTOR_NAME, namespace=REGISTRY_NAMESPACE)
+            if self._follow is not None:  # a broker outside Ray: create the registry, have it follow
+                self._handle = get_or_create_registry(self.verifier, follow=self._follow)
+            else:
+                self._handle = ray.get_actor(REGISTRY_ACTOR_NAME, namespace=REGISTRY_NAMESPACE)
         return self._handle
 
     def entries(self, now: float | None = None) -> list[RegistryEntry]:

@@ -29,6 +29,7 @@ from ray_confidential.kbs.broker import Broker, BrokerSettings, check_production
 from ray_confidential.kbs.domains import DomainRecord
 from ray_confidential.kbs.ratelimit import RateLimiter
 from ray_confidential.kbs.server import DEFAULT_WORKERS, KBSServer, TLSFiles
+from ray_confidential.kbs.statement_feed import ClusterStatementIssuer, StatementFeed
 from ray_confidential.kbs.store import KeyStore
 from ray_confidential.kbs.tokens import new_signing_key
 
@@ -92,6 +93,8 @@ class BrokerConfig:
     token_key: ec.EllipticCurvePrivateKey = field(repr=False)
     release_key: ec.EllipticCurvePrivateKey = field(repr=False)
     audit_key: ec.EllipticCurvePrivateKey = field(repr=False)
+    statement_key: ec.EllipticCurvePrivateKey | None = field(default=None, repr=False)
+    """Signs trust-registry statements served by ``GetStatements`` (docs/placement.md section 6)."""
     store: Mapping[str, Any]
     audit_path: Path
     group_commit: bool = True
@@ -145,6 +148,12 @@ class BrokerConfig:
                 raise ConfigError(f"keys.{k}: path of a PEM P-256 private key is required")
         token_key, release_key, audit_key = (load_private_key(path(keys[k], f"keys.{k}"))
                                              for k in ("token_key", "release_key", "audit_key"))  # fmt: skip
+        statement_key = load_private_key(path(keys["statement_key"], "keys.statement_key")) if keys.get(
+            "statement_key") else None  # fmt: skip
+        if statement_key is not None and not data.get("cluster_ids"):
+            raise ConfigError(
+                "keys.statement_key needs cluster_ids: statements name the cluster they route for"
+            )
         # Trust: vendor roots only, by name or fingerprint.
         trust_s = section("trust")
         roots = trust_s.get("roots", list(VENDOR_ROOT_FINGERPRINTS))
@@ -204,8 +213,8 @@ class BrokerConfig:
         return cls(
             settings=settings, listen=str(data.get("listen", "0.0.0.0:50051")), tls=tls, trust=trust,
             owner_listen=str(data["owner_listen"]) if data.get("owner_listen") else None,
-            token_key=token_key, release_key=release_key, audit_key=audit_key, store=store,
-            audit_path=path(audit_s.get("path", "kbs-audit.log"), "audit.path"),
+            token_key=token_key, release_key=release_key, audit_key=audit_key, statement_key=statement_key,
+            store=store, audit_path=path(audit_s.get("path", "kbs-audit.log"), "audit.path"),
             group_commit=bool(audit_s.get("group_commit", True)),
             rate_limit=None if rl.get("disabled") else (float(rl.get("rate", 100)), int(rl.get("burst", 200))),
             domains=domains, secrets=secrets, max_workers=workers,
@@ -342,13 +351,19 @@ def build(
                     token_key=config.token_key, release_key=config.release_key, clock=time.time)  # fmt: skip
     for spec in config.domains:
         broker.create_domain(spec.owner, spec.name, spec.policy, spec.appraisal, spec.suite)
+    feed = None
+    if config.statement_key is not None:
+        feed = StatementFeed()
+        broker.statement_listener = ClusterStatementIssuer(
+            config.statement_key, config.settings.cluster_ids or (), feed.publish
+        )
     limiter = None
     if config.rate_limit is not None:
         limiter = RateLimiter(rate=config.rate_limit[0], burst=config.rate_limit[1], clock=time.monotonic)
     try:
         server = KBSServer(broker, address=config.listen, tls=config.tls, owner_address=config.owner_listen,
                            limiter=limiter, secrets=config.secrets, max_workers=config.max_workers,
-                           dev_owner=DEV_OWNER if config.dev else None)  # fmt: skip
+                           dev_owner=DEV_OWNER if config.dev else None, feed=feed)  # fmt: skip
     except BaseException:
         broker.close()
         raise

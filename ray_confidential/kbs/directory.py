@@ -32,8 +32,10 @@ DESCRIPTOR_TTL_S = 30.0
 class BrokerDirectory:
     """``KeyService`` over a broker's signed descriptors: seals, never opens."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, *, feed_source: tuple[str, bytes | None] | None = None) -> None:
         self._client = client
+        self.feed_source = feed_source
+        """``(target, CA PEM)`` of the broker's statement feed: the cluster's trust registry follows it."""
         self._cache: dict[tuple[str, int | None], tuple[float, DomainDescriptor]] = {}
         self._lock = threading.Lock()
 
@@ -59,7 +61,7 @@ class BrokerDirectory:
             ca_cert=ca_cert,
             timeout=float(raw.get("timeout_s", 5.0)),
         )
-        return cls(client)
+        return cls(client, feed_source=(raw["target"], ca_cert))
 
     def descriptor(self, domain: str, version: int | None = None) -> DomainDescriptor:
         """The broker-signed descriptor (cached for 30 s). Raises ValueError for an unknown domain."""

@@ -62,6 +62,7 @@ from ray_confidential.kbs.broker import Broker
 from ray_confidential.kbs.config import DEV_OWNER, BrokerConfig, build, launch_data
 from ray_confidential.kbs.domains import DomainError, DomainRecord, DomainRegistry, KeyVersion
 from ray_confidential.kbs.server import KBSServer
+from ray_confidential.kbs.statement_feed import fan_out
 from ray_confidential.kbs.store import MemoryStore
 from ray_confidential.keyservice import DevKeyService
 from scheduler.registry import RegistryVerifier, SignedStatement, StatementRejected, StatementSigner
@@ -254,28 +255,39 @@ class EmbeddedBroker:
         self.launch_path = folder / "launch-data.json"
         self.audit_path = config.audit_path
         self._paused = False
-        self._statement_key = ec.generate_private_key(ec.SECP256R1())
-        self.statement_signer = StatementSigner(self._statement_key, registry_id=cluster_id)
+        assert config.statement_key is not None and server.feed is not None
+        self.statement_signer = StatementSigner(config.statement_key, registry_id=cluster_id)
         self.statement_verifier: RegistryVerifier = self.statement_signer.verifier()
         """The pinned statement key (``rc.init`` puts it in the driver's session)."""
         self.relay = RegistryRelay()
-        broker.statement_listener = StatementIssuer(self.statement_signer, self.relay.deliver)
+        self.feed = server.feed
+        """The same statements for a registry that follows this broker (``GetStatements``)."""
+        broker.statement_listener = StatementIssuer(
+            self.statement_signer, fan_out(self.relay.deliver, self.feed.publish)
+        )
 
     @classmethod
     def start(
-        cls, state_dir: str | os.PathLike[str] | None = None, *, cluster_id: str | None = None
-    ) -> EmbeddedBroker:
+        cls, state_dir: str | os.PathLike[str] | None = None, *, cluster_id: str | None = None,
+        token_ttl: int | None = None,
+    ) -> EmbeddedBroker:  # fmt: skip
         """Start a broker on 127.0.0.1 (ephemeral port) serving the domains of ``state_dir``.
 
         Args:
             state_dir: the DevKeyService state directory (default: ``default_state_dir()``).
             cluster_id: the only cluster id admitted (default: ``dev-<random>``).
+            token_ttl: token lifetime in seconds (default 300; tests of expiry use a few seconds).
         """
         folder = Path(tempfile.mkdtemp(prefix="rc-kbs-dev-"))  # mode 0700
         cluster_id = cluster_id or f"dev-{secrets.token_hex(6)}"
         config = BrokerConfig.development(audit_path=folder / "audit.log", rate_limit=None)
+        settings = dataclasses.replace(
+            config.settings,
+            cluster_ids=frozenset({cluster_id}),
+            token_ttl=int(token_ttl or config.settings.token_ttl),
+        )
         config = dataclasses.replace(
-            config, settings=dataclasses.replace(config.settings, cluster_ids=frozenset({cluster_id}))
+            config, settings=settings, statement_key=ec.generate_private_key(ec.SECP256R1())
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the development banner: rc.init already warns loudly

@@ -32,6 +32,7 @@ from ray_confidential.kbs.broker import Broker
 from ray_confidential.kbs.proto import kbs_pb2_grpc
 from ray_confidential.kbs.ratelimit import RateLimiter
 from ray_confidential.kbs.service import KeyBrokerService
+from ray_confidential.kbs.statement_feed import StatementFeed
 
 log = logging.getLogger("ray_confidential.kbs")
 
@@ -81,6 +82,7 @@ class KBSServer:
         max_workers: gRPC handler threads. Few suffice: handlers hold the GIL except while they wait
             for the audit fsync (group commit batches those waits); many threads only add GIL
             hand-offs (docs/kbs.md "Benchmark").
+        feed: the trust-registry statement feed served by ``GetStatements`` (None: UNIMPLEMENTED).
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class KBSServer:
         secrets: Mapping[tuple[str, str], bytes] | None = None,
         dev_owner: str | None = None,
         max_workers: int = DEFAULT_WORKERS,
+        feed: StatementFeed | None = None,
     ) -> None:
         host, _ = split_address(address)
         if tls is None and not is_loopback(host):
@@ -108,13 +111,15 @@ class KBSServer:
         if dev_owner is not None and broker.settings.production:
             raise ValueError("a production broker has no certificate-less owner")
         self.broker, self.address, self.tls, self.owner_address = broker, address, tls, owner_address
+        self.feed = feed
         self.health = health.HealthServicer()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kbs"),
             options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.so_reuseport", 0)],
         )
         kbs_pb2_grpc.add_KeyBrokerServicer_to_server(  # type: ignore[no-untyped-call]
-            KeyBrokerService(broker, limiter=limiter, secrets=secrets, dev_owner=dev_owner), self._server
+            KeyBrokerService(broker, limiter=limiter, secrets=secrets, dev_owner=dev_owner, feed=feed),
+            self._server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -21,6 +21,7 @@ from ray_confidential.attestation.evidence import Evidence
 from ray_confidential.kbs.broker import AttestRequest, Broker, Denied, KeyResponse
 from ray_confidential.kbs.proto import kbs_pb2, kbs_pb2_grpc
 from ray_confidential.kbs.ratelimit import RateLimiter
+from ray_confidential.kbs.statement_feed import MAX_WAIT_S, StatementFeed
 
 log = logging.getLogger("ray_confidential.kbs")
 
@@ -83,9 +84,11 @@ class KeyBrokerService(kbs_pb2_grpc.KeyBrokerServicer):
         limiter: RateLimiter | None,
         secrets: Mapping[tuple[str, str], bytes] | None = None,
         dev_owner: str | None = None,
+        feed: StatementFeed | None = None,
     ) -> None:
         self.broker, self.limiter, self.dev_owner = broker, limiter, dev_owner
         self.secrets = dict(secrets or {})
+        self.feed = feed
 
     def _run(self, rpc: str, context: grpc.ServicerContext, fn: Callable[[str | None, str], T]) -> T:
         owner = owner_identity(context) or self.dev_owner
@@ -164,6 +167,21 @@ class KeyBrokerService(kbs_pb2_grpc.KeyBrokerServicer):
     def GetJWKS(self, request: kbs_pb2.JWKSRequest, context: grpc.ServicerContext) -> Any:
         return self._run("GetJWKS", context,
                          lambda o, c: kbs_pb2.JWKSResponse(jwks=json.dumps(self.broker.jwks(), sort_keys=True)))  # fmt: skip
+
+    def GetStatements(self, request: kbs_pb2.StatementsRequest, context: grpc.ServicerContext) -> Any:
+        feed = self.feed
+        if feed is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this broker publishes no registry statements")
+            raise AssertionError("unreachable")
+
+        def fn(owner: str | None, client: str) -> kbs_pb2.StatementsResponse:
+            page = feed.since(request.registry_id, feed_id=request.feed_id, after=request.after,
+                              wait_s=min(request.wait_ms, int(MAX_WAIT_S * 1000)) / 1000)  # fmt: skip
+            return kbs_pb2.StatementsResponse(
+                feed_id=page.feed_id, cursor=page.cursor, statements=page.statements
+            )
+
+        return self._run("GetStatements", context, fn)
 
     def GetDescriptor(self, request: kbs_pb2.GetDescriptorRequest, context: grpc.ServicerContext) -> Any:
         return self._run(

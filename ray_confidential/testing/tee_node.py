@@ -130,6 +130,7 @@ def add_tee_node(
     trusted: bool = True,
     debug: bool = False,
     measurement: bytes | None = None,
+    broker: Any = None,
     **node_args: Any,
 ) -> Any:
     """Add a node labelled as a TEE node, with a simulated executor of that kind.
@@ -149,6 +150,8 @@ def add_tee_node(
         debug: the simulated TEE reports debug mode (a policy refusing debug TEEs refuses it).
         measurement: the simulated TEE's measurement (default: the kind's default); a genuine TEE
             running other software.
+        broker: the development broker its executor uses (an ``EmbeddedBroker``, or anything with a
+            ``launch_path`` to launch data); default: the process-wide one.
         **node_args: passed to ``Cluster.add_node`` (``labels`` and ``env_vars`` are merged).
             ``executor_args`` (a tuple of CLI flags) is passed to the executor instead.
 
@@ -173,7 +176,7 @@ def add_tee_node(
     node = cluster.add_node(labels=labels, env_vars=env_vars, **node_args)
     try:
         start_executor(node_id=node.node_id, tee=tee, socket_path=socket_path, trusted=trusted, pool=pool or "",
-                       region=region or "", extra_args=extra)  # fmt: skip
+                       region=region or "", extra_args=extra, broker=broker)  # fmt: skip
     except BaseException:
         cluster.remove_node(node)
         raise

@@ -48,3 +48,16 @@ class Where:
     def where(self) -> dict[str, Any]:
         self.calls += 1
         return {**_where(), "pid": os.getpid(), "calls": self.calls}
+
+
+@rc.remote(domain=EU, num_cpus=0.1, max_retries=1)
+def mark_and_wait(folder: str, seconds: float) -> str:
+    """Marks where it runs, then waits until ``folder/go`` exists (or ``seconds``): the test kills
+    the node in between, and lets the retry finish at once."""
+    node = rc.context().node_id
+    with open(os.path.join(folder, f"{node}.{os.getpid()}"), "w") as f:
+        f.write("started")
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(os.path.join(folder, "go")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return node

@@ -29,7 +29,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$ray_confidential/kbs/proto/kbs.proto\x12\x17ray_confidential.kbs.v1\"\x12\n\x10\x43hallengeRequest\"M\n\x11\x43hallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x15\n\rexpires_at_ms\x18\x03 \x01(\x03\"\x95\x01\n\x08\x45vidence\x12\x0b\n\x03tee\x18\x01 \x01(\t\x12\x10\n\x08\x65vidence\x18\x02 \x01(\x0c\x12\r\n\x05\x63\x65rts\x18\x03 \x03(\x0c\x12\x12\n\ncollateral\x18\x04 \x01(\x0c\x12\x16\n\x0ehas_collateral\x18\x05 \x01(\x08\x12/\n\x04gpus\x18\x06 \x03(\x0b\x32!.ray_confidential.kbs.v1.Evidence\"\xa3\x02\n\rAttestRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x33\n\x08\x65vidence\x18\x03 \x01(\x0b\x32!.ray_confidential.kbs.v1.Evidence\x12\x0f\n\x07profile\x18\x04 \x01(\t\x12\x12\n\nhpke_suite\x18\x05 \x01(\t\x12\x1b\n\x13\x65xecutor_public_key\x18\x06 \x01(\x0c\x12\x12\n\ncluster_id\x18\x07 \x01(\t\x12\x15\n\rbundle_digest\x18\x08 \x01(\x0c\x12\r\n\x05scope\x18\t \x01(\t\x12\x0f\n\x07node_id\x18\n \x01(\t\x12\x0c\n\x04pool\x18\x0b \x01(\t\x12\x0e\n\x06region\x18\x0c \x01(\t\x12\x0f\n\x07\x64omains\x18\r \x03(\t\"3\n\x0e\x41ttestResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\"v\n\rUnwrapRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0e\n\x06header\x18\x02 \x01(\x0c\x12\x15\n\rrequest_nonce\x18\x03 \x01(\x0c\x12\x12\n\nhpke_suite\x18\x04 \x01(\t\x12\x1b\n\x13\x65xecutor_public_key\x18\x05 \x01(\x0c\"\x85\x01\n\x0eReleaseRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x15\n\rrequest_nonce\x18\x04 \x01(\x0c\x12\x12\n\nhpke_suite\x18\x05 \x01(\t\x12\x1b\n\x13\x65xecutor_public_key\x18\x06 \x01(\x0c\"D\n\x0bKeyResponse\x12\x0e\n\x06record\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x12\n\nsealed_key\x18\x03 \x01(\x0c\"\x18\n\x16RevocationEpochRequest\"(\n\x17RevocationEpochResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\r\n\x0bJWKSRequest\"\x1c\n\x0cJWKSResponse\x12\x0c\n\x04jwks\x18\x01 \x01(\t\"5\n\x14GetDescriptorRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\";\n\x12\x44\x65scriptorResponse\x12\x12\n\ndescriptor\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"d\n\x13\x43reateDomainRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bpolicy_json\x18\x02 \x01(\t\x12\x16\n\x0e\x61ppraisal_json\x18\x03 \x01(\t\x12\x12\n\nhpke_suite\x18\x04 \x01(\t\"P\n\x13UpdatePolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bpolicy_json\x18\x02 \x01(\t\x12\x16\n\x0e\x61ppraisal_json\x18\x03 \x01(\t\"1\n\rRotateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nhpke_suite\x18\x02 \x01(\t\".\n\rRetireRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"<\n\rRevokeRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1f\n\x0eRevokeResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\x18\n\x16\x41uditCheckpointRequest\"-\n\x17\x41uditCheckpointResponse\x12\x12\n\ncheckpoint\x18\x01 \x01(\x0c\x32\xa5\n\n\tKeyBroker\x12\x65\n\x0cGetChallenge\x12).ray_confidential.kbs.v1.ChallengeRequest\x1a*.ray_confidential.kbs.v1.ChallengeResponse\x12Y\n\x06\x41ttest\x12&.ray_confidential.kbs.v1.AttestRequest\x1a\'.ray_confidential.kbs.v1.AttestResponse\x12V\n\x06Unwrap\x12&.ray_confidential.kbs.v1.UnwrapRequest\x1a$.ray_confidential.kbs.v1.KeyResponse\x12X\n\x07Release\x12\'.ray_confidential.kbs.v1.ReleaseRequest\x1a$.ray_confidential.kbs.v1.KeyResponse\x12w\n\x12GetRevocationEpoch\x12/.ray_confidential.kbs.v1.RevocationEpochRequest\x1a\x30.ray_confidential.kbs.v1.RevocationEpochResponse\x12V\n\x07GetJWKS\x12$.ray_confidential.kbs.v1.JWKSRequest\x1a%.ray_confidential.kbs.v1.JWKSResponse\x12k\n\rGetDescriptor\x12-.ray_confidential.kbs.v1.GetDescriptorRequest\x1a+.ray_confidential.kbs.v1.DescriptorResponse\x12i\n\x0c\x43reateDomain\x12,.ray_confidential.kbs.v1.CreateDomainRequest\x1a+.ray_confidential.kbs.v1.DescriptorResponse\x12i\n\x0cUpdatePolicy\x12,.ray_confidential.kbs.v1.UpdatePolicyRequest\x1a+.ray_confidential.kbs.v1.DescriptorResponse\x12]\n\x06Rotate\x12&.ray_confidential.kbs.v1.RotateRequest\x1a+.ray_confidential.kbs.v1.DescriptorResponse\x12]\n\x06Retire\x12&.ray_confidential.kbs.v1.RetireRequest\x1a+.ray_confidential.kbs.v1.DescriptorResponse\x12Y\n\x06Revoke\x12&.ray_confidential.kbs.v1.RevokeRequest\x1a\'.ray_confidential.kbs.v1.RevokeResponse\x12w\n\x12GetAuditCheckpoint\x12/.ray_confidential.kbs.v1.AuditCheckpointRequest\x1a\x30.ray_confidential.kbs.v1.AuditCheckpointResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$ray_confidential/kbs/proto/kbs.proto\x12\x17ray_confidential.kbs.v1\"\x12\n\x10\x43hallengeRequest\"M\n\x11\x43hallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x15\n\rexpires_at_ms\x18\x03 \x01(\x03\"\x95\x01\n\x08\x45vidence\x12\x0b\n\x03tee\x18\x01 \x01(\t\x12\x10\n\x08\x65vidence\x18\x02 \x01(\x0c\x12\r\n\x05\x63\x65rts\x18\x03 \x03(\x0c\x12\x12\n\ncollateral\x18\x04 \x01(\x0c\x12\x16\n\x0ehas_collateral\x18\x05 \x01(\x08\x12/\n\x04gpus\x18\x06 \x03(\x0b\x32!.ray_confidential.kbs.v1.Evidence\"\xa3\x02\n\rAttestRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x33\n\x08\x65vidence\x18\x03 \x01(\x0b\x32!.ray_confidential.kbs.v1.Evidence\x12\x0f\n\x07profile\x18\x04 \x01(\t\x12\x12\n\nhpke_suite\x18\x05 \x01(\t\x12\x1b\n\x13\x65xecutor_public_key\x18\x06 \x01(\x0c\x12\x12\n\ncluster_id\x18\x07 \x01(\t\x12\x15\n\rbundle_digest\x18\x08 \x01(\x0c\x12\r\n\x05scope\x18\t \x01(\t\x12\x0f\n\x07node_id\x18\n \x01(\t\x12\x0c\n\x04pool\x18\x0b \x01(\t\x12\x0e\n\x06region\x18\x0c \x01(\t\x12\x0f\n\x07\x64omains\x18\r \x03(\t\"3\n\x0e\x41ttestResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\"v\n\rUnwrapRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0e\n\x06header\x18\x02 \x01(\x0c\x12\x15\n\rrequest_nonce\x18\x03 \x01(\x0c\x12\x12\n\nhpke_suite\x18\x04 \x01(\t\x12\x1b\n\x13\x65xecutor_public_key\x18\x05 \x01(\x0c\"\x85\x01\n\x0eReleaseRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x15\n\rrequest_nonce\x18\x04 \x01(\x0c\x12\x12\n\nhpke_suite\x18\x05 \x01(\t\x12\x1b\n\x13\x65xecutor_public_key\x18\x06 \x01(\x0c\"D\n\x0bKeyResponse\x12\x0e\n\x06record\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x12\n\nsealed_key\x18\x03 \x01(\x0c\"\x18\n\x16RevocationEpochRequest\"(\n\x17RevocationEpochResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"Y\n\x11StatementsRequest\x12\x13\n\x0bregistry_id\x18\x01 \x01(\t\x12\x0f\n\x07\x66\x65\x65\x64_id\x18\x02 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x04 \x01(\r\"I\n\x12StatementsResponse\x12\x0f\n\x07\x66\x65\x65\x64_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x04\x12\x12\n\nstatements\x18\x03 \x03(\x0c\"\r\n\x0bJWKSRequest\"\x1c\n\x0cJWKSResponse\x12\x0c\n\x04jwks\x18\x01 \x01(\t\"5\n\x14GetDescriptorRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\";\n\x12\x44\x65scriptorResponse\x12\x12\n\ndescriptor\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"d\n\x13\x43reateDomainRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bpolicy_json\x18\x02 \x01(\t\x12\x16\n\x0e\x61ppraisal_json\x18\x03 \x01(\t\x12\x12\n\nhpke_suite\x18\x04 \x01(\t\"P\n\x13UpdatePolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bpolicy_json\x18\x02 \x01(\t\x12\x16\n\x0e\x61ppraisal_json\x18\x03 \x01(\t\"1\n\rRotateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nhpke_suite\x18\x02 \x01(\t\".\n\rRetireRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"<\n\rRevokeRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1f\n\x0eRevokeResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\x18\n\x16\x41uditCheckpointRequest\"-\n\x17\x41uditCheckpointResponse\x12\x12\n\ncheckpoint\x18\x01 \x01(\x0c\x32\x8f\x0b\n\tKeyBroker\x12\x65\n\x0cGetChallenge\x12).ray_confidential.kbs.v1.ChallengeRequest\x1a*.ray_confidential.kbs.v1.ChallengeResponse\x12Y\n\x06\x41ttest\x12&.ray_confidential.kbs.v1.AttestRequest\x1a\'.ray_confidential.kbs.v1.AttestResponse\x12V\n\x06Unwrap\x12&.ray_confidential.kbs.v1.UnwrapRequest\x1a$.ray_confidential.kbs.v1.KeyResponse\x12X\n\x07Release\x12\'.ray_confidential.kbs.v1.ReleaseRequest\x1a$.ray_confidential.kbs.v1.KeyResponse\x12w\n\x12GetRevocationEpoch\x12/.ray_confidential.kbs.v1.RevocationEpochRequest\x1a\x30.ray_confidential.kbs.v1.RevocationEpochResponse\x12V\n\x07GetJWKS\x12$.ray_confidential.kbs.v1.JWKSRequest\x1a%.ray_confidential.kbs.v1.JWKSResponse\x12h\n\rGetStatements\x12*.ray_confidential.kbs.v1.StatementsRequest\x1a+.ray_confidential.kbs.v1.StatementsResponse\x12k\n\rGetDescriptor\x12-.ray_confidential.kbs.v1.GetDescriptorRequest\x1a+.ray_confidential.kbs.v1.DescriptorResponse\x12i\n\x0c\x43reateDomain\x12,.ray_confidential.kbs.v1.CreateDomainRequest\x1a+.ray_confidential.kbs.v1.DescriptorResponse\x12i\n\x0cUpdatePolicy\x12,.ray_confidential.kbs.v1.UpdatePolicyRequest\x1a+.ray_confidential.kbs.v1.DescriptorResponse\x12]\n\x06Rotate\x12&.ray_confidential.kbs.v1.RotateRequest\x1a+.ray_confidential.kbs.v1.DescriptorResponse\x12]\n\x06Retire\x12&.ray_confidential.kbs.v1.RetireRequest\x1a+.ray_confidential.kbs.v1.DescriptorResponse\x12Y\n\x06Revoke\x12&.ray_confidential.kbs.v1.RevokeRequest\x1a\'.ray_confidential.kbs.v1.RevokeResponse\x12w\n\x12GetAuditCheckpoint\x12/.ray_confidential.kbs.v1.AuditCheckpointRequest\x1a\x30.ray_confidential.kbs.v1.AuditCheckpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,30 +56,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVOCATIONEPOCHREQUEST']._serialized_end=1013
   _globals['_REVOCATIONEPOCHRESPONSE']._serialized_start=1015
   _globals['_REVOCATIONEPOCHRESPONSE']._serialized_end=1055
-  _globals['_JWKSREQUEST']._serialized_start=1057
-  _globals['_JWKSREQUEST']._serialized_end=1070
-  _globals['_JWKSRESPONSE']._serialized_start=1072
-  _globals['_JWKSRESPONSE']._serialized_end=1100
-  _globals['_GETDESCRIPTORREQUEST']._serialized_start=1102
-  _globals['_GETDESCRIPTORREQUEST']._serialized_end=1155
-  _globals['_DESCRIPTORRESPONSE']._serialized_start=1157
-  _globals['_DESCRIPTORRESPONSE']._serialized_end=1216
-  _globals['_CREATEDOMAINREQUEST']._serialized_start=1218
-  _globals['_CREATEDOMAINREQUEST']._serialized_end=1318
-  _globals['_UPDATEPOLICYREQUEST']._serialized_start=1320
-  _globals['_UPDATEPOLICYREQUEST']._serialized_end=1400
-  _globals['_ROTATEREQUEST']._serialized_start=1402
-  _globals['_ROTATEREQUEST']._serialized_end=1451
-  _globals['_RETIREREQUEST']._serialized_start=1453
-  _globals['_RETIREREQUEST']._serialized_end=1499
-  _globals['_REVOKEREQUEST']._serialized_start=1501
-  _globals['_REVOKEREQUEST']._serialized_end=1561
-  _globals['_REVOKERESPONSE']._serialized_start=1563
-  _globals['_REVOKERESPONSE']._serialized_end=1594
-  _globals['_AUDITCHECKPOINTREQUEST']._serialized_start=1596
-  _globals['_AUDITCHECKPOINTREQUEST']._serialized_end=1620
-  _globals['_AUDITCHECKPOINTRESPONSE']._serialized_start=1622
-  _globals['_AUDITCHECKPOINTRESPONSE']._serialized_end=1667
-  _globals['_KEYBROKER']._serialized_start=1670
-  _globals['_KEYBROKER']._serialized_end=2987
+  _globals['_STATEMENTSREQUEST']._serialized_start=1057
+  _globals['_STATEMENTSREQUEST']._serialized_end=1146
+  _globals['_STATEMENTSRESPONSE']._serialized_start=1148
+  _globals['_STATEMENTSRESPONSE']._serialized_end=1221
+  _globals['_JWKSREQUEST']._serialized_start=1223
+  _globals['_JWKSREQUEST']._serialized_end=1236
+  _globals['_JWKSRESPONSE']._serialized_start=1238
+  _globals['_JWKSRESPONSE']._serialized_end=1266
+  _globals['_GETDESCRIPTORREQUEST']._serialized_start=1268
+  _globals['_GETDESCRIPTORREQUEST']._serialized_end=1321
+  _globals['_DESCRIPTORRESPONSE']._serialized_start=1323
+  _globals['_DESCRIPTORRESPONSE']._serialized_end=1382
+  _globals['_CREATEDOMAINREQUEST']._serialized_start=1384
+  _globals['_CREATEDOMAINREQUEST']._serialized_end=1484
+  _globals['_UPDATEPOLICYREQUEST']._serialized_start=1486
+  _globals['_UPDATEPOLICYREQUEST']._serialized_end=1566
+  _globals['_ROTATEREQUEST']._serialized_start=1568
+  _globals['_ROTATEREQUEST']._serialized_end=1617
+  _globals['_RETIREREQUEST']._serialized_start=1619
+  _globals['_RETIREREQUEST']._serialized_end=1665
+  _globals['_REVOKEREQUEST']._serialized_start=1667
+  _globals['_REVOKEREQUEST']._serialized_end=1727
+  _globals['_REVOKERESPONSE']._serialized_start=1729
+  _globals['_REVOKERESPONSE']._serialized_end=1760
+  _globals['_AUDITCHECKPOINTREQUEST']._serialized_start=1762
+  _globals['_AUDITCHECKPOINTREQUEST']._serialized_end=1786
+  _globals['_AUDITCHECKPOINTRESPONSE']._serialized_start=1788
+  _globals['_AUDITCHECKPOINTRESPONSE']._serialized_end=1833
+  _globals['_KEYBROKER']._serialized_start=1836
+  _globals['_KEYBROKER']._serialized_end=3259
 # @@protoc_insertion_point(module_scope)

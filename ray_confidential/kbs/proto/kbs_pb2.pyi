@@ -129,6 +129,28 @@ class RevocationEpochResponse(_message.Message):
     epoch: int
     def __init__(self, epoch: _Optional[int] = ...) -> None: ...
 
+class StatementsRequest(_message.Message):
+    __slots__ = ("registry_id", "feed_id", "after", "wait_ms")
+    REGISTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    FEED_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    registry_id: str
+    feed_id: str
+    after: int
+    wait_ms: int
+    def __init__(self, registry_id: _Optional[str] = ..., feed_id: _Optional[str] = ..., after: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+
+class StatementsResponse(_message.Message):
+    __slots__ = ("feed_id", "cursor", "statements")
+    FEED_ID_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    STATEMENTS_FIELD_NUMBER: _ClassVar[int]
+    feed_id: str
+    cursor: int
+    statements: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, feed_id: _Optional[str] = ..., cursor: _Optional[int] = ..., statements: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
 class JWKSRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

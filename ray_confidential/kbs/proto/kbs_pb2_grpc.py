@@ -69,6 +69,11 @@ class KeyBrokerStub:
                 request_serializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.JWKSRequest.SerializeToString,
                 response_deserializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.JWKSResponse.FromString,
                 _registered_method=True)
+        self.GetStatements = channel.unary_unary(
+                '/ray_confidential.kbs.v1.KeyBroker/GetStatements',
+                request_serializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.StatementsRequest.SerializeToString,
+                response_deserializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.StatementsResponse.FromString,
+                _registered_method=True)
         self.GetDescriptor = channel.unary_unary(
                 '/ray_confidential.kbs.v1.KeyBroker/GetDescriptor',
                 request_serializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.GetDescriptorRequest.SerializeToString,
@@ -142,6 +147,14 @@ class KeyBrokerServicer:
 
     def GetJWKS(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStatements(self, request, context):
+        """Public: signed trust-registry statements for one cluster, long-polled by its registry actor
+        (docs/placement.md section 6). UNIMPLEMENTED when the broker has no statement key.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -224,6 +237,11 @@ def add_KeyBrokerServicer_to_server(servicer, server):
                     servicer.GetJWKS,
                     request_deserializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.JWKSRequest.FromString,
                     response_serializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.JWKSResponse.SerializeToString,
+            ),
+            'GetStatements': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatements,
+                    request_deserializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.StatementsRequest.FromString,
+                    response_serializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.StatementsResponse.SerializeToString,
             ),
             'GetDescriptor': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDescriptor,
@@ -423,6 +441,33 @@ class KeyBroker:
             '/ray_confidential.kbs.v1.KeyBroker/GetJWKS',
             ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.JWKSRequest.SerializeToString,
             ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.JWKSResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatements(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ray_confidential.kbs.v1.KeyBroker/GetStatements',
+            ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.StatementsRequest.SerializeToString,
+            ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.StatementsResponse.FromString,
             options,
             channel_credentials,
             insecure,
