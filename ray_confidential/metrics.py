@@ -11,8 +11,10 @@ Who records what: drivers record seal/unseal latency and bytes (``rc.put`` / ``r
 what the executor did at the broker (attestations, key releases, its attestation expiry) and the
 shim (the Ray worker that made the call) records it with the sealed bytes in and out, then
 :func:`flush_soon` hands it to the sink in the background (at most one flush per second per
-process, never blocking the call). ``confidential_attested_nodes{pool}`` is computed by the sink
-from those reports: nodes whose last reported attestation has not expired, per pool.
+process, never blocking the call). The trust registry (a long-lived actor) records every admit it
+applies as a routing attestation ``ok`` and holds the node as attested until the admit's ``exp``
+(a revoke ends it). ``confidential_attested_nodes{pool}`` is computed by the sink from those
+reports: nodes whose last reported attestation has not expired, per pool.
 
 What it does NOT do: make figures trustworthy. Any Ray process can write to the sink; these are
 operational figures, never security evidence (that is the broker's signed audit log).

@@ -75,8 +75,7 @@ class RegistryActor:
         try:
             if not isinstance(statement, (bytes, bytearray)):
                 raise StatementRejected(f"expected statement bytes, got {type(statement).__name__}")
-            with self._lock:
-                self._registry.submit(bytes(statement))
+            self._submit_quietly(bytes(statement))
         except StatementRejected as exc:
             log.warning("trust registry: refused a mutation: %s", exc)
             raise StatementRejected("registry statement refused") from None
@@ -122,11 +121,33 @@ class RegistryActor:
     def _submit_quietly(self, statement: bytes) -> None:
         with self._lock:
             self._registry.submit(statement)
+        _record_metrics(statement)
 
     def identity(self) -> tuple[str, str]:
         """``(registry id, statement-key fingerprint)`` this actor was created with."""
         v = self._registry.verifier
         return v.registry_id, v.fingerprint
+
+
+def _record_metrics(statement: bytes) -> None:
+    """Dashboard figures of an applied (verified) statement: an admit is a routing attestation the
+    broker accepted (``confidential_attestations_total{result="ok"}``) and holds the node in
+    ``confidential_attested_nodes{pool}`` until its ``exp``; a revoke ends that at once. The registry
+    is long-lived, so these reach the sink without any job running (docs/placement.md)."""
+    try:
+        import json
+
+        from ray_confidential import metrics
+
+        body = json.loads(SignedStatement.from_bytes(statement).payload)
+        if body["kind"] == "admit":
+            metrics.inc("confidential_attestations_total", tee=str(body["tee"]), result="ok")
+            metrics.note_attested(str(body["node_id"]), str(body["pool"]), float(body["exp"]))
+        else:
+            metrics.note_attested(str(body["node_id"]), "none", 0.0)
+        metrics.flush_soon()
+    except Exception as exc:  # figures are best effort; the statement is applied either way
+        log.debug("trust registry: could not record metrics: %s", exc)
 
 
 def _alive_node_ids() -> set[str]:

@@ -91,6 +91,23 @@ def test_tasks_land_only_on_attested_nodes(env: Env) -> None:
     assert _run(placer.options(DEV, tee="sev-snp"), 20) == {env.id["A"]}
 
 
+def test_the_registry_records_attested_nodes_per_pool(env: Env) -> None:
+    """The long-lived registry records what it admits for the dashboard: no shim or job needed."""
+    from ray_confidential.metrics import SINK_NAME, SINK_NAMESPACE
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            sink = ray.get_actor(SINK_NAME, namespace=SINK_NAMESPACE)
+            counts = ray.get(sink.refresh_attested.remote(time.time()))
+            if counts.get("snp-eu") == 1 and counts.get("tdx-us") == 1:  # A and B; C (snp-eu) never admitted
+                break
+        except ValueError:  # the sink does not exist before the registry's first flush
+            counts = {}
+        assert time.monotonic() < deadline, counts
+        time.sleep(0.2)
+
+
 def test_no_qualifying_node_fails_within_the_wait(env: Env) -> None:
     placer = RegistryClient(env.signer.verifier()).placer(wait_s=1, poll_s=0.2)
     t0 = time.monotonic()
