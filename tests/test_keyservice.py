@@ -115,7 +115,9 @@ def test_sealed_task_error_pickles_without_leaking_detail() -> None:
 # -- caches: a granted unwrap and a descriptor are reused only while the domain file is unchanged --
 def _sealed(svc: DevKeyService, name: str, payload: bytes = b"cached") -> bytes:
     desc = svc.descriptor(name)
-    return bytes(seal(payload, DomainPublicKey(domain=name, version=desc.version, public_key=desc.public_key)))
+    return bytes(
+        seal(payload, DomainPublicKey(domain=name, version=desc.version, public_key=desc.public_key))
+    )
 
 
 def test_repeated_open_reuses_the_granted_unwrap(tmp_path: Path) -> None:
