@@ -1,12 +1,15 @@
 """Sealed vs plain Ray object store throughput and memory, side by side in one run.
 
-    python benchmarks/object_store.py            # 1, 16, 256 MiB tables; writes benchmarks/results/object_store.json
+    python benchmarks/object_store.py            # 1, 16, 256 MiB tables, 3 runs; writes benchmarks/results/object_store.json
     python benchmarks/object_store.py --quick    # 1 and 16 MiB only
 
 Measured in the same run, on this machine:
   e = AES-256-GCM encrypt_into on 2 threads over 4 MiB chunks into a reused buffer,
   d = decrypt_into likewise, c = warm single-thread memcpy (np.copyto into a preallocated array).
 Acceptance (issue 2): sealed put >= 0.8 x the two-pass bound e*c/(e+c); sealed get >= 0.8 x d.
+Reported beside them: what plain Ray leaves possible here (plain ray.put vs the bound; the ceilings
+e*p/(e+p) for a sealed put and size/(payload fetch + size/d) for a sealed get), and the first open of
+an object (no cached unwrap). Each ratio is taken within one run; the JSON holds the medians.
 Cross-node figures (2-node Cluster on one host) are informative only.
 """
 
@@ -45,15 +48,19 @@ def table_of(size: int) -> pa.Table:
     return pa.table({"a": rng.random(n), "b": np.arange(n, dtype=np.int64)})
 
 
+_RATE_BUFFERS: dict[int, tuple[np.ndarray, bytearray, bytearray]] = {}
+
+
 def machine_rates(size: int = 256 * MiB) -> dict[str, float]:
     """e, d, c in bytes/s, measured as the issue defines them."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     chunk = 4 * MiB
-    src = np.random.default_rng(1).integers(0, 255, size, dtype=np.uint8)
     n = size // chunk
-    ct = bytearray(size + 16 * n)
-    pt = bytearray(size)
+    if size not in _RATE_BUFFERS:  # generated once: random data for 256 MiB takes a second
+        src = np.random.default_rng(1).integers(0, 255, size, dtype=np.uint8)
+        _RATE_BUFFERS[size] = (src, bytearray(size + 16 * n), bytearray(size))
+    src, ct, pt = _RATE_BUFFERS[size]
     aead = AESGCM(os.urandom(32))
     ctv, ptv, srcv = memoryview(ct), memoryview(pt), memoryview(src)
 
@@ -76,7 +83,7 @@ def machine_rates(size: int = 256 * MiB) -> dict[str, float]:
     def rate(fn: Any) -> float:
         best = float("inf")
         with ThreadPoolExecutor(2) as pool:
-            for _ in range(3):
+            for _ in range(5):
                 t = time.perf_counter()
                 list(pool.map(fn, range(n)))
                 best = min(best, time.perf_counter() - t)
@@ -105,7 +112,14 @@ def timed(fn: Any, repeats: int) -> float:
     return min(samples)
 
 
-def local_figures(sizes: list[int]) -> list[dict[str, Any]]:
+def best_rates(*samples: dict[str, float]) -> dict[str, float]:
+    """Per rate, the best of several samples (other processes on a shared machine only slow it)."""
+    return {k: max(s[k] for s in samples) for k in samples[0]}
+
+
+def local_figures(sizes: list[int], between: Any = None) -> list[dict[str, Any]]:
+    """Put/get timings per size; ``between()`` runs after each size (to sample the machine rates
+    throughout the run, so that they see the same contention as the timings)."""
     import ray
 
     import ray_confidential as rc
@@ -114,7 +128,7 @@ def local_figures(sizes: list[int]) -> list[dict[str, Any]]:
     for size in sizes:
         table = table_of(size)
         nbytes = table.nbytes
-        repeats = 15 if size <= 16 * MiB else 5
+        repeats = 25 if size <= 16 * MiB else 5
         # Warm both paths (allocator, thread pool, plasma pages).
         for _ in range(2):
             ray.get(ray.put(table))
@@ -125,7 +139,12 @@ def local_figures(sizes: list[int]) -> list[dict[str, Any]]:
         sref = rc.put(table, domain="bench")
         plain_get = timed(lambda r=pref: ray.get(r), repeats)
         sealed_get = timed(lambda r=sref: rc.get(r), repeats)
-        del pref, sref
+        # Ray's own share of a sealed get: fetching the ciphertext view (no decryption).
+        payload_get = timed(lambda r=sref: ray.get(r.object_ref), repeats)
+        # First open of each object: no cached unwrap (a fresh HPKE open per object).
+        fresh = [rc.put(table, domain="bench") for _ in range(8 if size <= 16 * MiB else 2)]
+        cold_get = min(timed(lambda r=r: rc.get(r), 1) for r in fresh)
+        del pref, sref, fresh
         rows.append(
             {
                 "size_mib": size // MiB,
@@ -134,14 +153,54 @@ def local_figures(sizes: list[int]) -> list[dict[str, Any]]:
                 "sealed_put_gbps": nbytes / sealed_put / 1e9,
                 "plain_get_gbps": nbytes / plain_get / 1e9,
                 "sealed_get_gbps": nbytes / sealed_get / 1e9,
+                "sealed_get_cold_gbps": nbytes / cold_get / 1e9,
+                "payload_get_us": payload_get * 1e6,
             }
         )
         print(
             f"  {size // MiB:>4} MiB: put {rows[-1]['sealed_put_gbps']:.2f} vs plain {rows[-1]['plain_put_gbps']:.2f} GB/s; "
-            f"get {rows[-1]['sealed_get_gbps']:.2f} vs plain {rows[-1]['plain_get_gbps']:.2f} GB/s",
+            f"get {rows[-1]['sealed_get_gbps']:.2f} (first open {rows[-1]['sealed_get_cold_gbps']:.2f}) "
+            f"vs plain {rows[-1]['plain_get_gbps']:.2f} GB/s",
             flush=True,
         )
+        if between is not None:
+            between()
     return rows
+
+
+def ratios(row: dict[str, Any], rates: dict[str, float]) -> dict[str, Any]:
+    """The acceptance ratios of one run, and the ceilings plain Ray leaves on this machine:
+    a sealed put must encrypt (rate e) and then store the bytes, which plain ``ray.put`` does at
+    its measured rate p, so it cannot beat e*p/(e+p); a sealed get must fetch the ciphertext view
+    (Ray's fixed ``payload_get_us``) and decrypt at d."""
+    e, d, c = rates["e"], rates["d"], rates["c"]
+    bound = e * c / (e + c)
+    nbytes = row["table_bytes"]
+    p = row["plain_put_gbps"] * 1e9
+    put_ceiling = e * p / (e + p)
+    get_ceiling = nbytes / (row["payload_get_us"] * 1e-6 + nbytes / d)
+    return {
+        **row,
+        "sealed_put_vs_bound": row["sealed_put_gbps"] * 1e9 / bound,
+        "sealed_get_vs_d": row["sealed_get_gbps"] * 1e9 / d,
+        "sealed_get_cold_vs_d": row["sealed_get_cold_gbps"] * 1e9 / d,
+        "sealed_put_vs_plain": row["sealed_put_gbps"] / row["plain_put_gbps"],
+        "plain_put_vs_bound": p / bound,
+        "put_ceiling_vs_bound": put_ceiling / bound,
+        "sealed_put_vs_ceiling": row["sealed_put_gbps"] * 1e9 / put_ceiling,
+        "get_ceiling_vs_d": get_ceiling / d,
+        "sealed_get_vs_ceiling": row["sealed_get_gbps"] * 1e9 / get_ceiling,
+    }
+
+
+def median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per size, the median of every figure over the runs (each ratio taken within its own run)."""
+    out = []
+    for rows in zip(*runs, strict=True):
+        out.append(
+            {k: (statistics.median(r[k] for r in rows) if k != "size_mib" else rows[0][k]) for k in rows[0]}
+        )
+    return out
 
 
 def cross_node(size: int) -> dict[str, float]:
@@ -233,6 +292,7 @@ def peak_memory(address: str, size: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 and 16 MiB only, no cross-node run")
+    parser.add_argument("--runs", type=int, default=3, help="local runs; the JSON holds their medians")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     sizes = [1 * MiB, 16 * MiB] if args.quick else [1 * MiB, 16 * MiB, 256 * MiB]
@@ -241,28 +301,35 @@ def main() -> None:
 
     import ray_confidential as rc
 
-    print("machine rates ...", flush=True)
-    rates = machine_rates()
-    bound = rates["e"] * rates["c"] / (rates["e"] + rates["c"])
-    print(
-        f"  e={rates['e'] / 1e9:.2f} d={rates['d'] / 1e9:.2f} c={rates['c'] / 1e9:.2f} GB/s; two-pass bound {bound / 1e9:.2f} GB/s"
-    )
-    rc.init(num_cpus=2, include_dashboard=False, object_store_memory=3 << 30)
+    # A new local cluster even if another one runs on this host (it would be shared otherwise).
+    rc.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=3 << 30)
+    runs, all_rates = [], []
     try:
         rc.create_domain("bench")
-        print("local put/get ...", flush=True)
-        local = local_figures(sizes)
+        for run in range(args.runs):
+            print(f"run {run + 1}/{args.runs}: machine rates ...", flush=True)
+            samples = [machine_rates()]
+            print("local put/get ...", flush=True)
+            rows = local_figures(sizes, between=lambda s=samples: s.append(machine_rates()))
+            rates = best_rates(*samples)
+            bound = rates["e"] * rates["c"] / (rates["e"] + rates["c"])
+            print(
+                f"  e={rates['e'] / 1e9:.2f} d={rates['d'] / 1e9:.2f} c={rates['c'] / 1e9:.2f} GB/s "
+                f"(best of {len(samples)} samples in this run); two-pass bound {bound / 1e9:.2f} GB/s"
+            )
+            runs.append([ratios(row, rates) for row in rows])
+            all_rates.append(rates)
         address = ray.get_runtime_context().gcs_address
         peak = peak_memory(address, sizes[-1])
     finally:
         rc.shutdown()
-    for row in local:
-        row["sealed_put_vs_bound"] = row["sealed_put_gbps"] * 1e9 / bound
-        row["sealed_get_vs_d"] = row["sealed_get_gbps"] * 1e9 / rates["d"]
-        row["sealed_put_vs_plain"] = row["sealed_put_gbps"] / row["plain_put_gbps"]
+    local = median_rows(runs)
+    rates = {k: statistics.median(r[k] for r in all_rates) for k in ("e", "d", "c")}
+    bound = rates["e"] * rates["c"] / (rates["e"] + rates["c"])
     xnode = None if args.quick else cross_node(64 * MiB)
     result = {
         "benchmark": "object_store",
+        "runs": args.runs,
         "machine": {
             "cpus": os.cpu_count(),
             "e_gbps": rates["e"] / 1e9,
@@ -280,6 +347,13 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    for row in local:
+        print(
+            f"  {row['size_mib']:>4} MiB (median of {args.runs}): put {row['sealed_put_vs_bound']:.2f}x bound "
+            f"(plain ray.put {row['plain_put_vs_bound']:.2f}x; ceiling {row['put_ceiling_vs_bound']:.2f}x), "
+            f"get {row['sealed_get_vs_d']:.2f}x d (first open {row['sealed_get_cold_vs_d']:.2f}x; "
+            f"ceiling {row['get_ceiling_vs_d']:.2f}x)"
+        )
     big = local[-1]
     summary = (
         f"object_store: {big['size_mib']} MiB sealed put {big['sealed_put_vs_bound']:.2f}x of e*c/(e+c) "

@@ -30,7 +30,7 @@ from ray_confidential.domains import DomainDescriptor, DomainPolicy
 from ray_confidential.errors import KeyReleaseDenied
 from ray_confidential.keyservice import DevKeyService, KeyService, PublicDirectory
 from ray_confidential.sealed import open_sealed
-from ray_confidential.sealed.format import DomainPublicKey, SealedHeader, seal
+from ray_confidential.sealed.format import DomainPublicKey, seal_with_id
 
 logger = logging.getLogger(__name__)
 PLACEMENT_WAIT_ENV = "RAY_CONFIDENTIAL_PLACEMENT_WAIT_S"
@@ -285,10 +285,9 @@ def seal_and_put(value: Any, descriptor: DomainDescriptor) -> SealedRef:
     producer = ray.get_runtime_context().get_node_id()[:32]
     started = time.perf_counter()
     with _staging.lock:
-        sealed = seal(
+        sealed, object_id = seal_with_id(
             value, key, producer_id=producer, allow_pickle=descriptor.allow_pickle, allocate=_staging.allocate
         )
-        header = SealedHeader.parse(sealed[: min(len(sealed), 16384)])
         object_ref = ray.put(_SealedPayload(sealed))
     metrics.observe("confidential_seal_seconds", time.perf_counter() - started)
     metrics.inc("confidential_sealed_bytes_total", len(sealed), direction="out")
@@ -296,7 +295,7 @@ def seal_and_put(value: Any, descriptor: DomainDescriptor) -> SealedRef:
         object_ref,
         domain=descriptor.name,
         key_version=descriptor.version,
-        object_id=header.object_id.hex(),
+        object_id=object_id.hex(),
         size=len(sealed),
     )
 

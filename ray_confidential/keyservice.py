@@ -24,11 +24,13 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 import time
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ray_confidential.crypto import hpke
 from ray_confidential.domains import DomainDescriptor, DomainPolicy
@@ -36,6 +38,9 @@ from ray_confidential.errors import DecryptionError, KeyReleaseDenied
 from ray_confidential.sealed.format import SealedHeader
 
 STATE_DIR_ENV = "RAY_CONFIDENTIAL_STATE_DIR"
+DEK_CACHE_ENTRIES = 1024
+"""Unwrapped DEKs a :class:`DevKeyService` keeps (least recently used dropped first)."""
+_Stamp = tuple[int, int, int]
 
 
 def default_state_dir() -> Path:
@@ -53,6 +58,20 @@ class KeyService(Protocol):
     def descriptor(self, domain: str, version: int | None = None) -> DomainDescriptor: ...
 
     def unwrap(self, wrapped_dek: bytes, header_hash: bytes, header: bytes) -> bytes: ...
+
+
+def _unknown(name: str) -> ValueError:
+    return ValueError(f"unknown domain {name!r}: create it first with rc.create_domain({name!r})")
+
+
+class _GrantedDEK(NamedTuple):
+    """One granted development unwrap (the header bytes are its key in the cache)."""
+
+    stamp: _Stamp
+    domain: str
+    header_hash: bytes
+    wrapped_dek: bytes
+    dek: bytes
 
 
 class PublicDirectory:
@@ -90,7 +109,14 @@ class DevKeyService:
     def __init__(self, state_dir: str | os.PathLike[str] | None = None) -> None:
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         self._keys: dict[tuple[str, int], hpke.PrivateKeyHandle] = {}
-        self._records: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+        self._records: dict[str, tuple[_Stamp, dict[str, Any]]] = {}
+        self._paths: dict[str, Path] = {}
+        self._descriptors: dict[tuple[str, int | None], tuple[_Stamp, DomainDescriptor]] = {}
+        # header bytes -> (domain file stamp when the unwrap was granted, DEK). The header bytes
+        # fix domain, version, suite, header hash and wrapped DEK, so a hit is exactly the unwrap
+        # that was granted; the stamp re-validates it against the domain file on every use.
+        self._deks: OrderedDict[bytes, _GrantedDEK] = OrderedDict()
+        self._dek_lock = threading.Lock()
         self.unwrap_count = 0
 
     def __reduce__(self) -> Any:
@@ -98,7 +124,12 @@ class DevKeyService:
 
     # -- storage ---------------------------------------------------------------------------------
     def _domain_path(self, name: str) -> Path:
-        return self.state_dir / "domains" / (urllib.parse.quote(name, safe="") + ".json")
+        path = self._paths.get(name)
+        if path is None:
+            path = self.state_dir / "domains" / (urllib.parse.quote(name, safe="") + ".json")
+            if len(self._paths) < 4096:
+                self._paths[name] = path
+        return path
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -113,19 +144,25 @@ class DevKeyService:
 
     def _load(self, name: str, *, fresh: bool = False) -> dict[str, Any] | None:
         """The domain's record; cached while the file is unchanged (other processes may rotate)."""
+        loaded = self._load_stamped(name, fresh=fresh)
+        return None if loaded is None else loaded[1]
+
+    def _load_stamped(self, name: str, *, fresh: bool = False) -> tuple[_Stamp, dict[str, Any]] | None:
+        """The domain file's (mtime, size, inode) stamp and its record (the record may be newer
+        than the stamp if the file was replaced in between: then the next call reloads)."""
         path = self._domain_path(name)
         try:
-            st = path.stat()
+            st = os.stat(path)
         except FileNotFoundError:
             return None
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         cached = self._records.get(name)
         if not fresh and cached is not None and cached[0] == stamp:
-            return cached[1]
+            return cached
         record: dict[str, Any] = json.loads(path.read_text())
         if not fresh:
             self._records[name] = (stamp, record)
-        return record
+        return stamp, record
 
     def _store(self, name: str, record: Mapping[str, Any]) -> None:
         path = self._domain_path(name)
@@ -136,6 +173,8 @@ class DevKeyService:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        self._records.pop(name, None)
+        self._forget(name)  # in this process, exactly; other processes see the file's new stamp
 
     def _audit(self, event: str, **fields: Any) -> None:
         line = json.dumps({"time": time.time(), "event": event, **fields}, sort_keys=True)
@@ -231,7 +270,26 @@ class DevKeyService:
 
     # -- KeyService ------------------------------------------------------------------------------
     def descriptor(self, domain: str, version: int | None = None) -> DomainDescriptor:
-        record = self._require(domain)
+        """The public descriptor of ``domain`` (its newest live version unless ``version`` is given).
+
+        Cached per (domain, version) while the domain file is unchanged, so opening and sealing do
+        not recompute the policy hash each time (a rotation, retirement or policy update rewrites
+        the file and so invalidates it).
+        """
+        loaded = self._load_stamped(domain)
+        if loaded is None:
+            raise _unknown(domain)
+        stamp, record = loaded
+        hit = self._descriptors.get((domain, version))
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        desc = self._describe(domain, record, version)
+        if len(self._descriptors) >= 4096:
+            self._descriptors.clear()
+        self._descriptors[(domain, version)] = (stamp, desc)
+        return desc
+
+    def _describe(self, domain: str, record: Mapping[str, Any], version: int | None) -> DomainDescriptor:
         live = [v for v in record["versions"] if not v["retired"]]
         if version is None:
             if not live:
@@ -252,27 +310,56 @@ class DevKeyService:
     def unwrap(self, wrapped_dek: bytes, header_hash: bytes, header: bytes) -> bytes:
         """Unwrap a DEK for the object whose header bytes are given.
 
+        A granted unwrap is remembered per header (at most ``DEK_CACHE_ENTRIES``) and reused only
+        while the domain file is unchanged: every call re-reads the file's stamp, so a retirement,
+        rotation or policy change (here or in another process) forces the full check again.
+
         Raises:
             KeyReleaseDenied: the domain is not held here.
             DecryptionError: retired or unknown key version, header mismatch, or failed unwrap.
         """
+        header = bytes(header)
+        with self._dek_lock:
+            hit = self._deks.get(header)
+        if hit is not None and hit.header_hash == header_hash and hit.wrapped_dek == wrapped_dek:
+            loaded = self._load_stamped(hit.domain)
+            if loaded is not None and loaded[0] == hit.stamp:
+                with self._dek_lock:
+                    if header in self._deks:
+                        self._deks.move_to_end(header)
+                return hit.dek
         parsed = SealedHeader.parse(header)
         if parsed.header_hash != header_hash or parsed.wrapped_dek != wrapped_dek:
             raise DecryptionError()
-        record = self._load(parsed.domain)
-        if record is None:
+        loaded = self._load_stamped(parsed.domain)
+        if loaded is None:
             raise KeyReleaseDenied(f"domain {parsed.domain!r} is not held by this key service")
+        stamp, record = loaded
         entries = [v for v in record["versions"] if v["version"] == parsed.key_version]
         if not entries or entries[0]["retired"] or entries[0]["suite"] != parsed.suite:
+            with self._dek_lock:
+                self._deks.pop(header, None)
             raise DecryptionError()
         self.unwrap_count += 1
-        return self._private(parsed.domain, entries[0]).unwrap(wrapped_dek, info=header_hash)
+        dek = self._private(parsed.domain, entries[0]).unwrap(wrapped_dek, info=header_hash)
+        with self._dek_lock:
+            self._deks[header] = _GrantedDEK(stamp, parsed.domain, header_hash, wrapped_dek, dek)
+            while len(self._deks) > DEK_CACHE_ENTRIES:
+                self._deks.popitem(last=False)
+        return dek
+
+    def _forget(self, name: str) -> None:
+        """Drop cached descriptors and DEKs of domain ``name`` (they also expire on file change)."""
+        self._descriptors = {k: v for k, v in self._descriptors.items() if k[0] != name}
+        with self._dek_lock:
+            for header in [h for h, g in self._deks.items() if g.domain == name]:
+                del self._deks[header]
 
     # -- helpers ---------------------------------------------------------------------------------
     def _require(self, name: str, *, fresh: bool = False) -> dict[str, Any]:
         record = self._load(name, fresh=fresh)
         if record is None:
-            raise ValueError(f"unknown domain {name!r}: create it first with rc.create_domain({name!r})")
+            raise _unknown(name)
         return record
 
     @staticmethod

@@ -110,3 +110,56 @@ def test_sealed_task_error_pickles_without_leaking_detail() -> None:
     err = pickle.loads(pickle.dumps(SealedTaskError(b"sealed-bytes")))
     assert err.sealed_detail == b"sealed-bytes"
     assert "sealed-bytes" not in str(err) and "sealed-bytes" not in repr(err)
+
+
+# -- caches: a granted unwrap and a descriptor are reused only while the domain file is unchanged --
+def _sealed(svc: DevKeyService, name: str, payload: bytes = b"cached") -> bytes:
+    desc = svc.descriptor(name)
+    return bytes(
+        seal(payload, DomainPublicKey(domain=name, version=desc.version, public_key=desc.public_key))
+    )
+
+
+def test_repeated_open_reuses_the_granted_unwrap(tmp_path: Path) -> None:
+    svc = DevKeyService(tmp_path)
+    svc.create_domain("c", _dev())
+    blob = _sealed(svc, "c")
+    assert open_sealed(blob, svc) == b"cached"
+    assert open_sealed(blob, svc) == b"cached"
+    assert svc.unwrap_count == 1
+
+
+def test_cached_unwrap_still_checks_hash_and_wrapped_key(tmp_path: Path) -> None:
+    from ray_confidential.sealed.format import SealedHeader
+
+    svc = DevKeyService(tmp_path)
+    svc.create_domain("c", _dev())
+    header = SealedHeader.parse(_sealed(svc, "c"))
+    dek = svc.unwrap(header.wrapped_dek, header.header_hash, header.header_bytes)
+    assert svc.unwrap(header.wrapped_dek, header.header_hash, header.header_bytes) == dek
+    with pytest.raises(DecryptionError):
+        svc.unwrap(header.wrapped_dek, bytes(32), header.header_bytes)
+    with pytest.raises(DecryptionError):
+        svc.unwrap(header.wrapped_dek[:-1] + b"\x00", header.header_hash, header.header_bytes)
+
+
+@pytest.mark.parametrize("where", ["same instance", "other instance"])
+def test_retirement_invalidates_cached_unwraps(tmp_path: Path, where: str) -> None:
+    svc = DevKeyService(tmp_path)
+    svc.create_domain("c", _dev())
+    blob = _sealed(svc, "c")
+    assert open_sealed(blob, svc) == b"cached"  # granted and cached
+    other = svc if where == "same instance" else DevKeyService(tmp_path)  # e.g. the CLI
+    other.rotate("c")
+    other.retire("c", 1)
+    with pytest.raises(DecryptionError):
+        open_sealed(blob, svc)
+
+
+def test_descriptor_cache_follows_rotation_in_another_instance(tmp_path: Path) -> None:
+    svc = DevKeyService(tmp_path)
+    v1 = svc.create_domain("c", _dev())
+    assert svc.descriptor("c") is svc.descriptor("c")  # cached, not recomputed
+    v2 = DevKeyService(tmp_path).rotate("c")
+    assert svc.descriptor("c") == v2 and v2.version == v1.version + 1
+    assert svc.descriptor("c", 1) == v1

@@ -20,7 +20,7 @@ def open_sealed(data: Any, key_service: KeyService) -> Any:
         KeyReleaseDenied: the key service will not unwrap for this caller.
         DecryptionError: the object was tampered with, or its key version is retired or unknown.
     """
-    header = SealedHeader.parse(data)
+    header = SealedHeader.parse(data)  # parsed once: open_with_dek reuses it
     dek = key_service.unwrap(header.wrapped_dek, header.header_hash, header.header_bytes)
     try:
         allow_pickle = key_service.descriptor(header.domain, header.key_version).allow_pickle

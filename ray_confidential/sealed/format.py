@@ -201,7 +201,7 @@ def sealed_size(plaintext_len: int, header_len: int, chunk_size: int) -> int:
     return header_len + stream.sealed_length(plaintext_len, chunk_size)
 
 
-def seal(
+def seal_with_id(
     value: Any,
     key: DomainPublicKey,
     *,
@@ -211,7 +211,7 @@ def seal(
     allocate: Callable[[int], memoryview] | None = None,
     _dek: bytes | None = None,
     _object_id: bytes | None = None,
-) -> memoryview:
+) -> tuple[memoryview, bytes]:
     """Seal ``value`` to a domain's public key. Needs no secret; anyone may seal.
 
     Args:
@@ -225,7 +225,7 @@ def seal(
             buffer); default allocates a new bytearray.
 
     Returns:
-        A memoryview of the sealed bytes.
+        A memoryview of the sealed bytes, and the object id written into its header.
     """
     if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK) or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two in [{MIN_CHUNK}, {MAX_CHUNK}]")
@@ -259,7 +259,31 @@ def seal(
     stream.encrypt_segments(
         payload_key, prefix, hh, encoded.segments, length, chunk_size, out[len(prefix_bytes) :]
     )
-    return out
+    return out, object_id
+
+
+def seal(
+    value: Any,
+    key: DomainPublicKey,
+    *,
+    producer_id: str = "",
+    allow_pickle: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    allocate: Callable[[int], memoryview] | None = None,
+    _dek: bytes | None = None,
+    _object_id: bytes | None = None,
+) -> memoryview:
+    """:func:`seal_with_id` without the object id: a memoryview of the sealed bytes."""
+    return seal_with_id(
+        value,
+        key,
+        producer_id=producer_id,
+        allow_pickle=allow_pickle,
+        chunk_size=chunk_size,
+        allocate=allocate,
+        _dek=_dek,
+        _object_id=_object_id,
+    )[0]
 
 
 def open_with_dek(data: Any, dek: bytes, *, allow_pickle: bool, header: SealedHeader | None = None) -> Any:
