@@ -43,7 +43,7 @@ from ray_confidential.kbs.challenges import ChallengeStore, IssuedChallenge
 from ray_confidential.kbs.domains import MEASUREMENT_CLAIM, DomainError, DomainRecord, DomainRegistry
 from ray_confidential.kbs.revocation import RevocationList
 from ray_confidential.kbs.store import KeyStore
-from ray_confidential.kbs.tokens import TokenClaims, TokenIssuer, TokenVerifier
+from ray_confidential.kbs.tokens import TokenClaims, TokenIssuer, TokenVerifier, jkt
 from ray_confidential.sealed.format import SealedHeader
 
 log = logging.getLogger("ray_confidential.kbs")
@@ -361,8 +361,6 @@ class Broker:
                 raise ValueError("request nonce must be 32 bytes")
         except (ValueError, TypeError) as exc:
             raise self._deny(event, "INVALID_ARGUMENT", str(exc), **ctx) from None
-        from ray_confidential.kbs.tokens import jkt
-
         if not hmac.compare_digest(jkt(presented), claims.jkt):
             raise self._deny(event, "PERMISSION_DENIED", "presented key is not the token's cnf key", **ctx)
         if domain not in claims.domains:
