@@ -592,6 +592,7 @@ class AuditLog:
             if self._batch is batch:
                 self._batch = _Batch(batch)
             failed = self._failed
+        durable = False
         try:
             if failed:
                 raise AuditLogError(f"audit log {self._path}: {failed}")
@@ -599,10 +600,14 @@ class AuditLog:
             self._fsync()
             with self._cond:
                 self._durable = max(self._durable, batch.last_seq)
+            durable = True
         except AuditLogError as exc:
             batch.error = str(exc)
             raise
         finally:
+            if not durable and batch.error is None:  # interrupted by anything else: state unknown, stop
+                self._failed = self._failed or "commit interrupted"
+                batch.error = f"audit log {self._path}: {self._failed}"
             batch.done.set()
 
     def append(self, event: str, *, time: datetime | None = None, **fields: Any) -> AuditRecord:
