@@ -408,6 +408,21 @@ def verify_log(
     )
 
 
+class _Batch:
+    """Records that share one write and one fdatasync under group commit. ``lines`` are appended
+    under ``AuditLog._cond``; ``done`` is set once they are durable (or ``error`` says why not)."""
+
+    __slots__ = ("done", "error", "head", "last_seq", "lines", "prev")
+
+    def __init__(self, prev: _Batch | None) -> None:
+        self.prev = prev
+        self.lines: list[bytes] = []
+        self.done = threading.Event()
+        self.error: str | None = None
+        self.last_seq = -1
+        self.head = ZERO_HASH
+
+
 class AuditLog:
     """Append-only, signed, chained audit log in one file. One writer process at a time (flock).
 
@@ -439,7 +454,7 @@ class AuditLog:
         self._cond = threading.Condition(threading.Lock())
         self._failed: str | None = None
         self._closed = False
-        self._syncing = False
+        self._batch = _Batch(None)  # group commit: the batch new records join (docs/audit-log.md)
         created = not self._path.exists()
         self._fd = os.open(
             self._path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o600
@@ -521,6 +536,8 @@ class AuditLog:
         return self._public
 
     def _append_locked(self, event: str, fields: Mapping[str, Any], when: datetime | None) -> AuditRecord:
+        """Sign and chain the next record. Without group commit it is written here; with group commit
+        its line joins the open batch, which that batch's leader writes (see :meth:`_commit`)."""
         body = {
             **fields,
             "seq": self._next_seq,
@@ -532,22 +549,29 @@ class AuditLog:
         line = canonical_json({**body, "sig": sig})
         if len(line) >= MAX_LINE:
             raise ValueError(f"audit record of {len(line)} bytes exceeds {MAX_LINE}; log less detail")
-        data = memoryview(line + b"\n")
-        try:
-            while data:
-                data = data[os.write(self._fd, data) :]
-        except OSError as exc:
-            # A partial line may be on disk: nothing more can be appended behind it safely.
-            self._failed = f"write failed: {exc.strerror}"
-            raise AuditLogError(f"audit log {self._path}: {self._failed}") from None
         rec = AuditRecord(
             seq=body["seq"], time=body["time"], event=event, fields=MappingProxyType(dict(fields)),
             prev=self._head, sig=sig, line=line,
         )  # fmt: skip
+        if self._group and self._durable >= 0:
+            self._batch.lines.append(line + b"\n")
+        else:
+            self._write(line + b"\n")
         self._next_seq += 1
         self._head = rec.hash
         self._written = rec.seq
+        self._batch.last_seq, self._batch.head = rec.seq, rec.hash
         return rec
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            # A partial line may be on disk: nothing more can be appended behind it safely.
+            self._failed = f"write failed: {exc.strerror}"
+            raise AuditLogError(f"audit log {self._path}: {self._failed}") from None
 
     def _fsync(self) -> None:
         try:
@@ -557,29 +581,34 @@ class AuditLog:
             self._failed = f"fsync failed: {exc.strerror}"
             raise AuditLogError(f"audit log {self._path}: {self._failed}") from None
 
-    def _sync(self, seq: int) -> None:
-        """Return once record ``seq`` is durable. Called with ``_cond`` held; with group commit the
-        fsync runs without it, so other threads append meanwhile and the next fsync covers them all."""
-        if not self._group:
+    def _commit(self, batch: _Batch) -> None:
+        """Group commit, run by the first appender of ``batch`` (its leader) without ``_cond`` held:
+        wait until the batch before it is durable, close ``batch`` (later records start the next one,
+        which gathers while this fsync runs), write its lines with one ``write`` and make them durable
+        with one fdatasync, then wake exactly its appenders. Raises AuditLogError on failure."""
+        if batch.prev is not None:
+            batch.prev.done.wait()
+        with self._cond:
+            if self._batch is batch:
+                self._batch = _Batch(batch)
+            failed = self._failed
+        durable = False
+        try:
+            if failed:
+                raise AuditLogError(f"audit log {self._path}: {failed}")
+            self._write(b"".join(batch.lines))
             self._fsync()
-            self._durable = seq
-            return
-        while self._durable < seq:
-            if self._failed:
-                raise AuditLogError(f"audit log {self._path}: {self._failed}")
-            if self._syncing:
-                self._cond.wait()
-                continue
-            self._syncing = True
-            target = self._written
-            self._cond.release()
-            try:
-                self._fsync()
-            finally:
-                self._cond.acquire()
-                self._syncing = False
-                self._cond.notify_all()
-            self._durable = max(self._durable, target)
+            with self._cond:
+                self._durable = max(self._durable, batch.last_seq)
+            durable = True
+        except AuditLogError as exc:
+            batch.error = str(exc)
+            raise
+        finally:
+            if not durable and batch.error is None:  # interrupted by anything else: state unknown, stop
+                self._failed = self._failed or "commit interrupted"
+                batch.error = f"audit log {self._path}: {self._failed}"
+            batch.done.set()
 
     def append(self, event: str, *, time: datetime | None = None, **fields: Any) -> AuditRecord:
         """Append a record and return it once it is durable (fsync).
@@ -605,7 +634,18 @@ class AuditLog:
             if self._failed:
                 raise AuditLogError(f"audit log {self._path}: {self._failed}")
             rec = self._append_locked(event, clean, time)
-            self._sync(rec.seq)
+            if not self._group:
+                self._fsync()
+                self._durable = rec.seq
+                return rec
+            batch = self._batch
+            lead = len(batch.lines) == 1
+        if lead:
+            self._commit(batch)
+        else:
+            batch.done.wait()
+            if batch.error:
+                raise AuditLogError(batch.error)
         return rec
 
     def checkpoint(self, *, time: datetime | None = None) -> bytes:
@@ -613,22 +653,33 @@ class AuditLog:
         with self._cond:
             if self._closed:
                 raise ValueError("AuditLog is closed")
-            if self._durable < self._written:
-                self._sync(self._written)  # only ever vouch for durable records
-            body = {
-                "type": CHECKPOINT_TYPE,
-                "log_id": self._log_id,
-                "seq": self._written,
-                "head": self._head,
-                "time": _format_time(time or self._clock()),
-                "key_id": self._key_id,
-            }
+            seq, head, pending = self._written, self._head, self._batch
+        if pending.lines:  # only ever vouch for durable records: wait for the open batch's commit
+            pending.done.wait()
+            if pending.error:
+                raise AuditLogError(pending.error)
+            seq, head = pending.last_seq, pending.head
+        elif pending.prev is not None:
+            pending.prev.done.wait()
+            if pending.prev.error:
+                raise AuditLogError(pending.prev.error)
+        body = {
+            "type": CHECKPOINT_TYPE,
+            "log_id": self._log_id,
+            "seq": seq,
+            "head": head,
+            "time": _format_time(time or self._clock()),
+            "key_id": self._key_id,
+        }
         return canonical_json({**body, "sig": _sign(self._key, _CHECKPOINT_CONTEXT, body)}) + b"\n"
 
     def close(self) -> None:
         with self._cond:
-            while self._syncing:
-                self._cond.wait()
+            pending = self._batch
+        for batch in (pending, pending.prev):  # let running commits finish (their leaders hold the fd)
+            if batch is not None and batch.lines:
+                batch.done.wait()
+        with self._cond:
             if not self._closed:
                 self._closed = True
                 os.close(self._fd)

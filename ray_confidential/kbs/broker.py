@@ -22,7 +22,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Final, Protocol
@@ -43,12 +43,14 @@ from ray_confidential.kbs.challenges import ChallengeStore, IssuedChallenge
 from ray_confidential.kbs.domains import MEASUREMENT_CLAIM, DomainError, DomainRecord, DomainRegistry
 from ray_confidential.kbs.revocation import RevocationList
 from ray_confidential.kbs.store import KeyStore
-from ray_confidential.kbs.tokens import TokenClaims, TokenIssuer, TokenVerifier
+from ray_confidential.kbs.tokens import TokenClaims, TokenIssuer, TokenVerifier, jkt
 from ray_confidential.sealed.format import SealedHeader
 
 log = logging.getLogger("ray_confidential.kbs")
 
 REVOCATIONS_KEY: Final = "broker/revocations"
+MAX_ATTEST_UNWRAPS: Final = 16
+"""Objects one Attest may unwrap with its new token (docs/kbs.md "Attest with unwrap")."""
 WIRE_CODES: Final = (
     "PERMISSION_DENIED",
     "NOT_FOUND",
@@ -318,6 +320,23 @@ class Broker:
                 log.exception("registry statement for node %s not issued", req.node_id)
         return token, claims_out
 
+    def attest_and_unwrap(
+        self, req: AttestRequest, *, client: str, unwrap: Sequence[tuple[bytes, bytes]]
+    ) -> tuple[str, TokenClaims, list[KeyResponse]]:
+        """:meth:`attest`, then :meth:`unwrap` of each ``(header, request_nonce)`` with the new token
+        and the attested key: every Unwrap check runs and is audited per object, as if the executor
+        had sent each Unwrap itself; it only saves that round trip. Raises :class:`Denied` at the
+        first refusal (the token is then not returned)."""
+        if len(unwrap) > MAX_ATTEST_UNWRAPS:
+            raise self._deny("attest", "INVALID_ARGUMENT", f"more than {MAX_ATTEST_UNWRAPS} objects to unwrap",
+                             client=client, scope=req.scope, node_id=req.node_id)  # fmt: skip
+        token, claims = self.attest(req, client=client)
+        keys = []
+        for header, nonce in unwrap:
+            keys.append(self.unwrap(token=token, header=header, request_nonce=nonce, hpke_suite=req.hpke_suite,
+                                    executor_public_key=req.executor_public_key, client=client))  # fmt: skip
+        return token, claims, keys
+
     def _appraisal(self, d: DomainRecord) -> AppraisalPolicy:
         key = (d.name, d.appraisal_hash() + d.policy.policy_hash())
         cached = self._appraisal_cache.get(key)
@@ -361,8 +380,6 @@ class Broker:
                 raise ValueError("request nonce must be 32 bytes")
         except (ValueError, TypeError) as exc:
             raise self._deny(event, "INVALID_ARGUMENT", str(exc), **ctx) from None
-        from ray_confidential.kbs.tokens import jkt
-
         if not hmac.compare_digest(jkt(presented), claims.jkt):
             raise self._deny(event, "PERMISSION_DENIED", "presented key is not the token's cnf key", **ctx)
         if domain not in claims.domains:
@@ -591,6 +608,7 @@ def b64(data: bytes) -> str:
 
 
 __all__ = [
+    "MAX_ATTEST_UNWRAPS",
     "AttestRequest",
     "Auditor",
     "Broker",

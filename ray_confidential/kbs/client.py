@@ -23,7 +23,7 @@ import hmac
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
@@ -215,14 +215,71 @@ class KBSClient:
         domains: Iterable[str] = (),
     ) -> Token:
         """Present evidence bound to ``challenge`` and this key; returns the broker's token."""
+        r = self._call("Attest", self._attest_request(
+            challenge, evidence, profile=profile, executor_key=executor_key, cluster_id=cluster_id,
+            bundle_digest=bundle_digest, scope=scope, node_id=node_id, pool=pool, region=region,
+            domains=domains, unwrap=()))  # fmt: skip
+        return self._token(r, executor_key)
+
+    def attest_and_unwrap(
+        self,
+        challenge: Challenge,
+        evidence: Evidence,
+        headers: Sequence[bytes],
+        *,
+        profile: str,
+        executor_key: hpke.PrivateKeyHandle,
+        cluster_id: str,
+        bundle_digest: bytes,
+        node_id: str,
+        pool: str,
+        region: str,
+        domains: Iterable[str],
+    ) -> tuple[Token, list[bytes]]:
+        """:meth:`attest` for a release-scope token and :meth:`unwrap` of each of ``headers`` in one
+        call (at most 16): the broker runs and audits every Unwrap check per object; each key response
+        is verified here exactly as :meth:`unwrap` verifies it. Returns the token and the DEKs in order.
+
+        Raises:
+            BrokerRefusedError: the broker refused the attestation or any of the unwraps.
+            KeyReleaseDenied: a response is not the pinned broker's answer to this request.
+        """
+        parsed = [SealedHeader.parse(h) for h in headers]
+        nonces = [os.urandom(32) for _ in parsed]
+        r = self._call("Attest", self._attest_request(
+            challenge, evidence, profile=profile, executor_key=executor_key, cluster_id=cluster_id,
+            bundle_digest=bundle_digest, scope="release", node_id=node_id, pool=pool, region=region,
+            domains=domains, unwrap=[kbs_pb2.UnwrapItem(header=p.header_bytes, request_nonce=n)
+                                     for p, n in zip(parsed, nonces, strict=True)]))  # fmt: skip
+        token = self._token(r, executor_key)
+        if len(r.keys) != len(parsed):
+            raise KeyReleaseDenied("broker answered another number of objects than requested")
+        deks = []
+        for resp, header, nonce in zip(r.keys, parsed, nonces, strict=True):
+            dek = self._open(resp, token=token, key=executor_key, nonce=nonce, domain=header.domain,
+                             version=header.key_version, subject=header.header_hash)  # fmt: skip
+            if len(dek) != 32:
+                raise KeyReleaseDenied("broker released a key of the wrong size")
+            deks.append(dek)
+        return token, deks
+
+    @staticmethod
+    def _attest_request(
+        challenge: Challenge, evidence: Evidence, *, profile: str, executor_key: hpke.PrivateKeyHandle,
+        cluster_id: str, bundle_digest: bytes, scope: str, node_id: str, pool: str, region: str,
+        domains: Iterable[str], unwrap: Sequence[kbs_pb2.UnwrapItem],
+    ) -> kbs_pb2.AttestRequest:  # fmt: skip
         pub = executor_key.public_key()
-        r = self._call("Attest", kbs_pb2.AttestRequest(
+        return kbs_pb2.AttestRequest(
             session_id=challenge.session_id, nonce=challenge.nonce, evidence=_evidence_msg(evidence),
             profile=profile, hpke_suite=pub.suite, executor_public_key=pub.raw, cluster_id=cluster_id,
             bundle_digest=bundle_digest, scope=scope, node_id=node_id, pool=pool, region=region,
-            domains=list(domains)))  # fmt: skip
+            domains=list(domains), unwrap=list(unwrap))  # fmt: skip
+
+    @staticmethod
+    def _token(r: Any, executor_key: hpke.PrivateKeyHandle) -> Token:
         token = Token.from_raw(r.token)
-        if token.claims.jkt != jkt(pub):
+        if token.claims.jkt != jkt(executor_key.public_key()):
             raise KeyReleaseDenied("broker issued a token for another key")
         return token
 

@@ -41,6 +41,8 @@ MAX_NAME: Final = 256
 MAX_TOKEN_ID: Final = 128
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+_PREFIX: Final = bytes([VERSION]) + _U32.pack(len(CONTEXT)) + CONTEXT
+_PREFIX_LEN: Final = len(_PREFIX)
 
 
 def key_hash(public_key: hpke.PublicKey) -> bytes:
@@ -110,31 +112,38 @@ class ReleaseRecord:
 
     @classmethod
     def decode(cls, data: bytes) -> ReleaseRecord:
-        """Parse :meth:`encode` output. Raises KeyReleaseDenied for anything malformed."""
-        pos = 0
+        """Parse :meth:`encode` output. Raises KeyReleaseDenied for anything malformed.
 
-        def take(n: int) -> bytes:
-            nonlocal pos
-            if n < 0 or pos + n > len(data):
-                raise KeyReleaseDenied("release record: truncated")
-            out = data[pos : pos + n]
-            pos += n
-            return bytes(out)
-
-        def lp(maximum: int) -> bytes:
-            (size,) = _U32.unpack(take(4))
-            if size > maximum:
-                raise KeyReleaseDenied("release record: field over its maximum length")
-            return take(size)
-
-        if take(1) != bytes([VERSION]) or lp(len(CONTEXT)) != CONTEXT:
-            raise KeyReleaseDenied("release record: wrong version or context")
-        domain = lp(MAX_NAME)
-        (version,) = _U32.unpack(take(4))
-        token_id, kh, hh, nonce = lp(MAX_TOKEN_ID), lp(32), lp(32), lp(32)
-        (iat,) = _U64.unpack(take(8))
-        if pos != len(data):
+        Every Unwrap response is decoded by the executor, so this reads fields in place with
+        ``unpack_from`` instead of slicing the input step by step; the checks are the same: each
+        length against its maximum, no truncation, no trailing bytes."""
+        data = bytes(data)
+        end = len(data)
+        try:
+            if data[:_PREFIX_LEN] != _PREFIX:
+                raise KeyReleaseDenied("release record: wrong version or context")
+            pos = _PREFIX_LEN
+            fields: list[bytes] = []
+            for maximum in (MAX_NAME, -1, MAX_TOKEN_ID, 32, 32, 32):
+                if maximum < 0:  # key_version, a u32 between domain and token id
+                    (version,) = _U32.unpack_from(data, pos)
+                    pos += 4
+                    continue
+                (size,) = _U32.unpack_from(data, pos)
+                if size > maximum:
+                    raise KeyReleaseDenied("release record: field over its maximum length")
+                pos += 4
+                if pos + size > end:
+                    raise KeyReleaseDenied("release record: truncated")
+                fields.append(data[pos : pos + size])
+                pos += size
+            (iat,) = _U64.unpack_from(data, pos)
+            pos += 8
+        except struct.error:
+            raise KeyReleaseDenied("release record: truncated") from None
+        if pos != end:
             raise KeyReleaseDenied("release record: trailing bytes")
+        domain, token_id, kh, hh, nonce = fields
         try:
             return cls(
                 domain=domain.decode(),

@@ -132,8 +132,14 @@ class KeyBrokerService(kbs_pb2_grpc.KeyBrokerServicer):
                 bundle_digest=bytes(request.bundle_digest), scope=request.scope, node_id=request.node_id,
                 pool=request.pool, region=request.region, domains=tuple(request.domains),
             )  # fmt: skip
-            token, claims = self.broker.attest(req, client=client)
-            return kbs_pb2.AttestResponse(token=token, expires_at=claims.exp)
+            if not request.unwrap:
+                token, claims = self.broker.attest(req, client=client)
+                return kbs_pb2.AttestResponse(token=token, expires_at=claims.exp)
+            items = [(bytes(u.header), bytes(u.request_nonce)) for u in request.unwrap]
+            token, claims, keys = self.broker.attest_and_unwrap(req, client=client, unwrap=items)
+            return kbs_pb2.AttestResponse(
+                token=token, expires_at=claims.exp, keys=[self._key(k) for k in keys]
+            )
 
         return self._run("Attest", context, fn)
 

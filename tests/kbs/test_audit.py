@@ -532,3 +532,22 @@ def test_fuzz_any_byte_change_is_caught(tmp_path: Path, data: st.DataObject) -> 
     target.write_bytes(mutated)
     with pytest.raises(AuditVerificationError):
         verify_log(target, PUB, checkpoint=_FUZZ_LOG["cp"])
+
+
+def test_group_commit_interrupted_acknowledges_nothing(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit cut by anything but an I/O error (here a KeyboardInterrupt in fdatasync) must not let
+    the batch's appenders return as if durable, nor any later append."""
+    log = AuditLog(log_path, KEY, group_commit=True)
+
+    def interrupted(fd: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fdatasync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        log.append("release.granted")
+    monkeypatch.undo()
+    with pytest.raises(AuditLogError, match="commit interrupted"):
+        log.append("release.granted")
+    log.close()

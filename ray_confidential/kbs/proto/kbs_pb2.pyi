@@ -42,7 +42,7 @@ class Evidence(_message.Message):
     def __init__(self, tee: _Optional[str] = ..., evidence: _Optional[bytes] = ..., certs: _Optional[_Iterable[bytes]] = ..., collateral: _Optional[bytes] = ..., has_collateral: _Optional[bool] = ..., gpus: _Optional[_Iterable[_Union[Evidence, _Mapping]]] = ...) -> None: ...
 
 class AttestRequest(_message.Message):
-    __slots__ = ("session_id", "nonce", "evidence", "profile", "hpke_suite", "executor_public_key", "cluster_id", "bundle_digest", "scope", "node_id", "pool", "region", "domains")
+    __slots__ = ("session_id", "nonce", "evidence", "profile", "hpke_suite", "executor_public_key", "cluster_id", "bundle_digest", "scope", "node_id", "pool", "region", "domains", "unwrap")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class AttestRequest(_message.Message):
     POOL_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    UNWRAP_FIELD_NUMBER: _ClassVar[int]
     session_id: bytes
     nonce: bytes
     evidence: Evidence
@@ -69,15 +70,26 @@ class AttestRequest(_message.Message):
     pool: str
     region: str
     domains: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., evidence: _Optional[_Union[Evidence, _Mapping]] = ..., profile: _Optional[str] = ..., hpke_suite: _Optional[str] = ..., executor_public_key: _Optional[bytes] = ..., cluster_id: _Optional[str] = ..., bundle_digest: _Optional[bytes] = ..., scope: _Optional[str] = ..., node_id: _Optional[str] = ..., pool: _Optional[str] = ..., region: _Optional[str] = ..., domains: _Optional[_Iterable[str]] = ...) -> None: ...
+    unwrap: _containers.RepeatedCompositeFieldContainer[UnwrapItem]
+    def __init__(self, session_id: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., evidence: _Optional[_Union[Evidence, _Mapping]] = ..., profile: _Optional[str] = ..., hpke_suite: _Optional[str] = ..., executor_public_key: _Optional[bytes] = ..., cluster_id: _Optional[str] = ..., bundle_digest: _Optional[bytes] = ..., scope: _Optional[str] = ..., node_id: _Optional[str] = ..., pool: _Optional[str] = ..., region: _Optional[str] = ..., domains: _Optional[_Iterable[str]] = ..., unwrap: _Optional[_Iterable[_Union[UnwrapItem, _Mapping]]] = ...) -> None: ...
+
+class UnwrapItem(_message.Message):
+    __slots__ = ("header", "request_nonce")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_NONCE_FIELD_NUMBER: _ClassVar[int]
+    header: bytes
+    request_nonce: bytes
+    def __init__(self, header: _Optional[bytes] = ..., request_nonce: _Optional[bytes] = ...) -> None: ...
 
 class AttestResponse(_message.Message):
-    __slots__ = ("token", "expires_at")
+    __slots__ = ("token", "expires_at", "keys")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
     token: str
     expires_at: int
-    def __init__(self, token: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...
+    keys: _containers.RepeatedCompositeFieldContainer[KeyResponse]
+    def __init__(self, token: _Optional[str] = ..., expires_at: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyResponse, _Mapping]]] = ...) -> None: ...
 
 class UnwrapRequest(_message.Message):
     __slots__ = ("token", "header", "request_nonce", "hpke_suite", "executor_public_key")
