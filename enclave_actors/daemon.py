@@ -55,6 +55,7 @@ from enclave_actors.keys import BrokerUnavailable, DomainInfo, Grant, KeyRelease
 from ray_confidential.bundle import Bundle
 from ray_confidential.crypto import hpke
 from ray_confidential.errors import DecryptionError, KeyReleaseDenied
+from ray_confidential.sealed.format import MAX_HEADER as MAX_SEALED_HEADER
 from ray_confidential.sealed.format import SealedHeader
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ MAX_POLL_INTERVAL = 10.0
 ROUTING_RETRY_S = 30.0
 """Retry interval after the broker refused a routing token."""
 INLINE_INPUT_LIMIT = 1 << 20
+SEALED_HEADER_BYTES = 5 + MAX_SEALED_HEADER
+"""Version byte, u32 header length and the longest header (docs/sealed-format.md)."""
 
 
 class CallRefused(Exception):
@@ -342,8 +345,9 @@ class Executor:
             try:
                 src, index = str(spec["src"]), int(spec["index"])
                 if src == "fd":
+                    # The header only: the worker maps the body (no page of it is touched here).
                     fd = fds[index]
-                    view: Any = protocol.map_sealed_memfd(fd)
+                    view: Any = protocol.read_sealed_prefix(fd, SEALED_HEADER_BYTES)
                 elif src == "frame":
                     fd, view = -1, frames[index]
                 else:

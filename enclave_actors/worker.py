@@ -61,8 +61,7 @@ def _seal(value: Any, out: dict[str, Any], producer: str) -> tuple[list[Any], li
     return [sealed], []
 
 
-def _open_inputs(msg: Any) -> list[Any]:
-    from enclave_actors.protocol import map_sealed_memfd
+def _open_inputs(msg: Any, maps: Any) -> list[Any]:
     from ray_confidential.sealed.format import open_with_dek
 
     specs = msg.header["inputs"]
@@ -71,9 +70,7 @@ def _open_inputs(msg: Any) -> list[Any]:
     values = []
     try:
         for spec, dek in zip(specs, deks, strict=True):
-            data = (
-                inline[spec["index"]] if spec["src"] == "frame" else map_sealed_memfd(msg.fds[spec["index"]])
-            )
+            data = inline[spec["index"]] if spec["src"] == "frame" else maps.map(msg.fds[spec["index"]])
             values.append(open_with_dek(data, dek, allow_pickle=bool(spec["allow_pickle"])))
     finally:
         deks.clear()
@@ -103,6 +100,7 @@ def serve(sock: socket.socket) -> None:
         return
     protocol.send(sock, {"status": "ok"})
     producer = bundle.digest_hex[:32]
+    maps = protocol.SealedMapCache()  # ciphertext only: inputs that come back are not mapped again
     instance: Any = None  # the enclave actor's state (op "actor_init"), lives in this process only
     while True:
         try:
@@ -113,7 +111,7 @@ def serve(sock: socket.socket) -> None:
         out = header["out"]
         op = header.get("op", "call")
         try:
-            values = _open_inputs(msg)
+            values = _open_inputs(msg, maps)
             args = _build_args(header["args"], values)
             kwargs = dict(zip(header["kwarg_names"], _build_args(header["kwargs"], values), strict=True))
             del values

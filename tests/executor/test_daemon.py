@@ -58,6 +58,30 @@ def test_large_input_moves_as_sealed_memfd(env: Env) -> None:
     }
 
 
+def test_repeated_large_input_reuses_its_memfd_only_after_the_executor_accepted_it(env: Env) -> None:
+    """The shim keeps a large input's sealed memfd for the next call (no new 4 MiB copy), but only
+    once the executor authenticated it: a forged body under a genuine header is never kept."""
+    client = ExecutorClient(env.executor.socket)
+    try:
+        big = env.seal(np.ones(1 << 19))
+        forged = bytearray(big)
+        forged[-100] ^= 1  # same header, tampered last chunk
+        with pytest.raises(SealedTaskError):
+            client.call(TOTAL, domain="exec-a", inputs=[bytes(forged)], args=[["s", 0]])
+        assert not client._memfds._fds
+        for _ in range(2):
+            out = client.call(TOTAL, domain="exec-a", inputs=[big], args=[["s", 0]])
+            assert env.open(out) == {"sum": float(1 << 19)}
+        (fd,) = client._memfds._fds.values()
+        assert protocol.check_sealed_memfd(fd) == len(big)
+        # The header names the object: a body passed under it again travels as the kept, authenticated
+        # memfd (the executor checks seals and AEAD as on every call).
+        out = client.call(TOTAL, domain="exec-a", inputs=[bytes(forged)], args=[["s", 0]])
+        assert env.open(out) == {"sum": float(1 << 19)} and len(client._memfds._fds) == 1
+    finally:
+        client.close()
+
+
 def test_unsealed_memfd_is_refused(env: Env) -> None:
     """The shim could rewrite an unsealed memfd while the executor reads it (TOCTOU): refused."""
     data = env.seal(np.arange(4.0))
@@ -321,6 +345,43 @@ def test_executor_is_hardened(env: Env) -> None:
     # Non-dumpable processes' /proc files are owned by root:root; the kernel reports it in /proc/PID/stat too.
     assert os.stat(f"/proc/{env.executor.pid}/mem").st_uid == 0
     assert status
+
+
+def test_protocol_round_trip_of_many_and_large_frames() -> None:
+    """One message per ``send``, even when the kernel takes it in several pieces."""
+    import socket
+    import threading
+
+    a, b = socket.socketpair()
+    frames = [os.urandom(n) for n in (0, 1, 100, 70_000, 3 << 20, 5)] + [b"x"] * 600
+    got: list[protocol.Message] = []
+    reader = threading.Thread(target=lambda: got.append(protocol.recv(b)))
+    reader.start()
+    protocol.send(a, {"op": "ping", "n": 1}, frames)
+    reader.join(10)
+    assert got[0].header == {"op": "ping", "n": 1} and got[0].frames == frames
+    a.close()
+    b.close()
+
+
+def test_sealed_map_cache_maps_a_sealed_memfd_once() -> None:
+    cache = protocol.SealedMapCache()
+    fd = protocol.sealed_memfd(b"sealed bytes")
+    dup = os.dup(fd)  # what SCM_RIGHTS delivers the second time: the same memfd
+    try:
+        first = cache.map(fd)
+        assert cache.map(dup) is first and bytes(first) == b"sealed bytes"
+        other = protocol.sealed_memfd(b"sealed bytes")
+        assert cache.map(other) is not first
+        os.close(other)
+        unsealed = os.memfd_create("x", os.MFD_ALLOW_SEALING)
+        os.write(unsealed, b"sealed bytes")
+        with pytest.raises(protocol.ProtocolError):
+            cache.map(unsealed)
+        os.close(unsealed)
+    finally:
+        os.close(fd)
+        os.close(dup)
 
 
 def test_protocol_limits() -> None:
