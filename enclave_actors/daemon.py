@@ -139,6 +139,7 @@ class _Actor:
     actor_id: str
     worker: _Worker
     bundle: Bundle
+    digest: bytes
     domains: tuple[str, ...]
     out: dict[str, Any]
 
@@ -311,8 +312,9 @@ class Executor:
         return bytes(dek)
 
     # -- shared steps of calls and actors ------------------------------------------------------------
-    def _bundle(self, h: dict[str, Any], frames: list[Any]) -> tuple[Bundle | None, list[Any]]:
-        """(1) The bundle we hashed ourselves, never what the shim claims; None: ask for the source."""
+    def _bundle(self, h: dict[str, Any], frames: list[Any]) -> tuple[Bundle | None, bytes, list[Any]]:
+        """(1) The bundle we hashed ourselves, never what the shim claims, and its digest (computed
+        when the source arrived: bundles are cached by it); None: ask for the source."""
         try:
             claimed = bytes.fromhex(str(h["bundle_digest"]))
         except (KeyError, ValueError):
@@ -321,7 +323,7 @@ class Executor:
         bundle = self._bundles.get(claimed)
         if bundle is None:
             if not n_src:
-                return None, frames
+                return None, claimed, frames
             try:
                 bundle = Bundle.from_wire(h["bundle"], frames[:n_src])
             except (KeyError, ValueError, TypeError) as exc:
@@ -330,7 +332,7 @@ class Executor:
                 raise CallRefused("bad_request", "bundle source does not match its digest")
             with self._lock:
                 self._bundles[bundle.digest] = bundle
-        return bundle, frames[n_src:]
+        return bundle, claimed, frames[n_src:]
 
     @staticmethod
     def _inputs(
@@ -407,10 +409,9 @@ class Executor:
         if self.unavailable is not None:
             raise CallRefused("unavailable", self.unavailable)
         h = msg.header
-        bundle, frames = self._bundle(h, msg.frames)  # (1)
+        bundle, digest, frames = self._bundle(h, msg.frames)  # (1)
         if bundle is None:
             return {"status": "need_bundle"}, [], []
-        digest = bundle.digest
         inputs = self._inputs(h, frames, msg.fds)  # (2)
         out_domain = str(h.get("domain", ""))
         domains = tuple(sorted({out_domain, *(x[0].domain for x in inputs)}))
@@ -420,9 +421,9 @@ class Executor:
         # (6) Run in the worker dedicated to (domains, bundle).
         timeout = self._timeout(h)
         request, inline, fds = self._request("call", inputs, infos, h.get("params", {}), out, digest, domains)
-        worker = self._worker(domains, bundle)
+        worker = self._worker(domains, bundle, digest)
         return self._run(worker, request, [*deks, *inline], fds, timeout,
-                         lambda: self._discard(domains, bundle, worker))  # fmt: skip
+                         lambda: self._discard(domains, digest, worker))  # fmt: skip
 
     def _timeout(self, h: dict[str, Any]) -> float:
         try:
@@ -442,10 +443,9 @@ class Executor:
         if self.unavailable is not None:
             raise CallRefused("unavailable", self.unavailable)
         h = msg.header
-        bundle, frames = self._bundle(h, msg.frames)
+        bundle, digest, frames = self._bundle(h, msg.frames)
         if bundle is None:
             return {"status": "need_bundle"}, [], []
-        digest = bundle.digest
         inputs = self._inputs(h, frames, msg.fds)
         out_domain = str(h.get("domain", ""))
         domains = tuple(sorted({out_domain, *(x[0].domain for x in inputs)}))
@@ -459,7 +459,7 @@ class Executor:
                 )
         worker = _Worker(bundle, self.limits.memory_limit_bytes)
         self.stats["actors_started"] += 1
-        actor = _Actor(uuid.uuid4().hex, worker, bundle, domains, out)
+        actor = _Actor(uuid.uuid4().hex, worker, bundle, digest, domains, out)
         request, inline, fds = self._request(
             "actor_init", inputs, infos, h.get("params", {}), out, digest, domains
         )
@@ -490,7 +490,7 @@ class Executor:
         if foreign:
             raise CallRefused("denied", f"inputs of domains {sorted(foreign)} cannot enter an actor of "
                                         f"domains {list(actor.domains)} (domains never share a process)")  # fmt: skip
-        digest = actor.bundle.digest
+        digest = actor.digest
         infos = {name: self._with_broker(partial(self.releaser.domain, name)) for name in actor.domains}
         grant = self._grant(digest, actor.domains)
         deks = [self._dek(grant, x[0]) for x in inputs]
@@ -530,8 +530,8 @@ class Executor:
         # Key version 0 marks "sealed to a policy-listed recipient key" (docs/executor.md).
         return {"domain": desc.name, "version": 0, "suite": suite, "public_key": raw, "allow_pickle": False}
 
-    def _worker(self, domains: tuple[str, ...], bundle: Bundle) -> _Worker:
-        key = (domains, bundle.digest)
+    def _worker(self, domains: tuple[str, ...], bundle: Bundle, digest: bytes) -> _Worker:
+        key = (domains, digest)
         with self._lock:
             worker = self._workers.get(key)
             if worker is not None and worker.alive():
@@ -575,10 +575,10 @@ class Executor:
             raise CallRefused("crashed", "the confidential call's worker answered badly")
         return {"status": status}, reply.frames, reply.fds
 
-    def _discard(self, domains: tuple[str, ...], bundle: Bundle, worker: _Worker) -> None:
+    def _discard(self, domains: tuple[str, ...], digest: bytes, worker: _Worker) -> None:
         with self._lock:
-            if self._workers.get((domains, bundle.digest)) is worker:
-                del self._workers[(domains, bundle.digest)]
+            if self._workers.get((domains, digest)) is worker:
+                del self._workers[(domains, digest)]
         worker.stop()
 
 

@@ -246,15 +246,16 @@ class ExecutorClient:
                     specs.append({"src": "frame", "index": len(frames)})
                     frames.append(view)
             header = {**header, "inputs": specs, "params": params}
-            if bundle is None or bundle.digest in self._known:
+            digest = bundle.digest if bundle is not None else None
+            if digest is None or digest in self._known:
                 reply = self.request(header, frames, fds)
             else:
                 reply = protocol.Message({"status": "need_bundle"})
             if bundle is not None and reply.header.get("status") == "need_bundle":
                 header["bundle"] = {**bundle.to_wire(), "files": len(bundle.files)}
                 reply = self.request(header, [*(d for _, d in bundle.files), *frames], fds)
-            if bundle is not None:
-                self._known.add(bundle.digest)
+            if digest is not None:
+                self._known.add(digest)
             ok = reply.header.get("status") == "ok"
             if ok:  # the executor authenticated these inputs: keep their memfds for the next call
                 for fd, key in list(fresh.items()):

@@ -44,15 +44,28 @@ class _Output:
         return self.writer(size)
 
 
-def _seal(value: Any, out: dict[str, Any], producer: str) -> tuple[list[Any], list[int]]:
-    from ray_confidential.crypto.hpke import PublicKey
-    from ray_confidential.sealed.format import DomainPublicKey, seal
+_OUTPUT_KEYS: dict[tuple[Any, ...], Any] = {}
+"""Parsed output keys of this worker's calls (public keys; a handful per worker)."""
 
-    key = DomainPublicKey(
-        domain=out["domain"],
-        version=int(out["version"]),
-        public_key=PublicKey(out["suite"], bytes.fromhex(out["public_key"])),
-    )
+
+def _output_key(out: dict[str, Any]) -> Any:
+    from ray_confidential.crypto.hpke import PublicKey
+    from ray_confidential.sealed.format import DomainPublicKey
+
+    fields = (out["domain"], out["version"], out["suite"], out["public_key"])
+    key = _OUTPUT_KEYS.get(fields)
+    if key is None:
+        key = DomainPublicKey(domain=out["domain"], version=int(out["version"]),
+                              public_key=PublicKey(out["suite"], bytes.fromhex(out["public_key"])))  # fmt: skip
+        if len(_OUTPUT_KEYS) < 64:
+            _OUTPUT_KEYS[fields] = key
+    return key
+
+
+def _seal(value: Any, out: dict[str, Any], producer: str) -> tuple[list[Any], list[int]]:
+    from ray_confidential.sealed.format import seal
+
+    key = _output_key(out)
     target = _Output()
     sealed = seal(value, key, producer_id=producer, allow_pickle=bool(out["allow_pickle"]), allocate=target)
     if target.writer is not None:
