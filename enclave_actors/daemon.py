@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -89,6 +90,64 @@ class Limits:
     """RLIMIT_AS of each worker subprocess (0 = no limit)."""
     max_workers: int = 16
     max_actors: int = 64
+    input_cache_bytes: int = 256 << 20
+    """Sealed memfds of large inputs kept for calls that name them again (:class:`_InputCache`)."""
+
+
+class NeedInputs(Exception):
+    """A call named a large input by its sealed header that the executor does not hold."""
+
+
+class _InputCache:
+    """Sealed memfds of large inputs that a call already authenticated, by (sealed header, length).
+
+    Copying 64 MiB into a fresh sealed memfd costs the shim about twice the input's decryption, so
+    a shim first names a large input by its sealed header alone (``src = "known"``) and sends the
+    memfd only when told ``need_inputs``. An entry is kept only after a call on it succeeded: the
+    worker authenticated every chunk under that header (a forged body under a copied header is never
+    kept). Naming an object by its header grants nothing: its ciphertext is in Ray's object store
+    for any worker to read, and every call still checks seals, policy, keys and the AEAD. Entries
+    are ciphertext; :meth:`get` hands out a duplicate descriptor, so an eviction never closes a
+    descriptor in use.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._fds: OrderedDict[tuple[bytes, int], int] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[bytes, int]) -> int | None:
+        """A new descriptor for the kept memfd (the caller closes it), or None."""
+        with self._lock:
+            fd = self._fds.get(key)
+            if fd is None:
+                return None
+            self._fds.move_to_end(key)
+            return os.dup(fd)
+
+    def put(self, key: tuple[bytes, int], fd: int) -> None:
+        """Keep a duplicate of ``fd`` (a sealed memfd a call just authenticated under ``key``)."""
+        if key[1] > self.max_bytes:
+            return
+        evicted = []
+        with self._lock:
+            if key in self._fds:
+                return
+            self._fds[key] = os.dup(fd)
+            self._bytes += key[1]
+            while self._bytes > self.max_bytes:
+                old_key, old_fd = self._fds.popitem(last=False)
+                self._bytes -= old_key[1]
+                evicted.append(old_fd)
+        for old_fd in evicted:
+            os.close(old_fd)
+
+    def clear(self) -> None:
+        with self._lock:
+            fds, self._fds, self._bytes = list(self._fds.values()), OrderedDict(), 0
+        for fd in fds:
+            os.close(fd)
 
 
 class _Worker:
@@ -186,7 +245,8 @@ class Executor:
         self._epoch: int | None = None
         self._last_broker_ok = clock()
         self.unavailable: str | None = None
-        self.stats = {"unwraps": 0, "grants": 0, "workers_started": 0, "actors_started": 0}
+        self.inputs = _InputCache(self.limits.input_cache_bytes)
+        self.stats = {"unwraps": 0, "grants": 0, "workers_started": 0, "actors_started": 0, "inputs_known": 0}
         self._report = threading.local()
 
     # -- per-request report (metrics: the shim records it, docs/executor.md "Protocol") --------------
@@ -217,6 +277,7 @@ class Executor:
             self._grants.clear()
             workers, self._workers = self._workers, {}
             actors, self._actors = self._actors, {}
+        self.inputs.clear()
         for dek, _ in deks.values():
             dek[:] = bytes(len(dek))
         for worker in [*workers.values(), *(a.worker for a in actors.values())]:
@@ -334,15 +395,20 @@ class Executor:
                 self._bundles[bundle.digest] = bundle
         return bundle, claimed, frames[n_src:]
 
-    @staticmethod
     def _inputs(
-        h: dict[str, Any], frames: list[Any], fds: list[int]
+        self, h: dict[str, Any], frames: list[Any], fds: list[int], owned: list[int]
     ) -> list[tuple[SealedHeader, Any, str, int]]:
-        """(2) Sealed inputs: (parsed header, bytes, "frame" | "fd", descriptor or -1), bounds-checked."""
+        """(2) Sealed inputs: (parsed header, bytes, "frame" | "fd", descriptor or -1), bounds-checked.
+
+        ``"known"`` inputs (a sealed header and the length) come from :class:`_InputCache`; their
+        descriptors are appended to ``owned`` (the caller closes them). Raises :class:`NeedInputs`
+        when one is not kept here.
+        """
         specs = h.get("inputs", [])
         if not isinstance(specs, list) or len(specs) > MAX_INPUTS:
             raise CallRefused("bad_request", f"at most {MAX_INPUTS} sealed inputs per call")
         out = []
+        missing = False
         for spec in specs:
             try:
                 src, index = str(spec["src"]), int(spec["index"])
@@ -352,11 +418,24 @@ class Executor:
                     view: Any = protocol.read_sealed_prefix(fd, SEALED_HEADER_BYTES)
                 elif src == "frame":
                     fd, view = -1, frames[index]
+                elif src == "known":
+                    view = bytes(frames[index])
+                    kept = self.inputs.get((view, int(spec["length"])))
+                    if kept is None:
+                        missing = True
+                        continue
+                    owned.append(kept)
+                    self.stats["inputs_known"] += 1
+                    fd, src = kept, "fd"
+                    if protocol.read_sealed_prefix(fd, len(view)) != view:
+                        raise ValueError("kept input does not match its header")
                 else:
                     raise ValueError(src)
                 out.append((SealedHeader.parse(view), view, src, fd))
             except (KeyError, IndexError, ValueError, TypeError, protocol.ProtocolError, DecryptionError):
                 raise CallRefused("bad_request", "malformed sealed input") from None
+        if missing:
+            raise NeedInputs()
         params = h.get("params", {})
         if not isinstance(params, dict) or len(json.dumps(params)) > MAX_PARAMS_BYTES:
             raise CallRefused("bad_request", f"plain parameters are limited to {MAX_PARAMS_BYTES} bytes")
@@ -412,7 +491,7 @@ class Executor:
         bundle, digest, frames = self._bundle(h, msg.frames)  # (1)
         if bundle is None:
             return {"status": "need_bundle"}, [], []
-        inputs = self._inputs(h, frames, msg.fds)  # (2)
+        inputs = self._inputs(h, frames, msg.fds, msg.fds)  # (2)
         out_domain = str(h.get("domain", ""))
         domains = tuple(sorted({out_domain, *(x[0].domain for x in inputs)}))
         infos, out = self._approve(digest, domains, out_domain, h.get("recipient"))  # (3)
@@ -422,8 +501,22 @@ class Executor:
         timeout = self._timeout(h)
         request, inline, fds = self._request("call", inputs, infos, h.get("params", {}), out, digest, domains)
         worker = self._worker(domains, bundle, digest)
-        return self._run(worker, request, [*deks, *inline], fds, timeout,
-                         lambda: self._discard(domains, digest, worker))  # fmt: skip
+        reply = self._run(worker, request, [*deks, *inline], fds, timeout,
+                          lambda: self._discard(domains, digest, worker))  # fmt: skip
+        return self._keep_inputs(inputs, reply)
+
+    def _keep_inputs(
+        self,
+        inputs: list[tuple[SealedHeader, Any, str, int]],
+        reply: tuple[dict[str, Any], list[Any], list[int]],
+    ) -> tuple[dict[str, Any], list[Any], list[int]]:
+        """After ``ok`` (the worker authenticated every input), keep large inputs' memfds for calls
+        that name them by header (:class:`_InputCache`)."""
+        if reply[0].get("status") == "ok":
+            for header, _view, src, fd in inputs:
+                if src == "fd":
+                    self.inputs.put((header.header_bytes, os.fstat(fd).st_size), fd)
+        return reply
 
     def _timeout(self, h: dict[str, Any]) -> float:
         try:
@@ -446,7 +539,7 @@ class Executor:
         bundle, digest, frames = self._bundle(h, msg.frames)
         if bundle is None:
             return {"status": "need_bundle"}, [], []
-        inputs = self._inputs(h, frames, msg.fds)
+        inputs = self._inputs(h, frames, msg.fds, msg.fds)
         out_domain = str(h.get("domain", ""))
         domains = tuple(sorted({out_domain, *(x[0].domain for x in inputs)}))
         infos, out = self._approve(digest, domains, out_domain, h.get("recipient"))
@@ -463,7 +556,8 @@ class Executor:
         request, inline, fds = self._request(
             "actor_init", inputs, infos, h.get("params", {}), out, digest, domains
         )
-        reply = self._run(worker, request, [*deks, *inline], fds, self._timeout(h), worker.stop)
+        reply = self._keep_inputs(inputs, self._run(worker, request, [*deks, *inline], fds, self._timeout(h),
+                                                    worker.stop))  # fmt: skip
         if reply[0]["status"] != "ok":
             worker.stop()
             return reply
@@ -485,7 +579,7 @@ class Executor:
         method = h.get("method")
         if not isinstance(method, str) or not _METHOD_RE.match(method):
             raise CallRefused("bad_request", "method must be a public method name")
-        inputs = self._inputs(h, msg.frames, msg.fds)
+        inputs = self._inputs(h, msg.frames, msg.fds, msg.fds)
         foreign = {x[0].domain for x in inputs} - set(actor.domains)
         if foreign:
             raise CallRefused("denied", f"inputs of domains {sorted(foreign)} cannot enter an actor of "
@@ -497,8 +591,8 @@ class Executor:
         request, inline, fds = self._request("actor_call", inputs, infos, h.get("params", {}), actor.out, digest,
                                              actor.domains)  # fmt: skip
         request["method"] = method
-        header, frames, out_fds = self._run(actor.worker, request, [*deks, *inline], fds, self._timeout(h),
-                                            lambda: self.stop_actor(actor.actor_id))  # fmt: skip
+        header, frames, out_fds = self._keep_inputs(inputs, self._run(
+            actor.worker, request, [*deks, *inline], fds, self._timeout(h), lambda: self.stop_actor(actor.actor_id)))  # fmt: skip
         return {**header, **self._trust_state(grant)}, frames, out_fds
 
     def stop_actor(self, actor_id: str) -> None:
@@ -682,6 +776,8 @@ class ExecutorServer:
                 self.executor.begin_report()
             try:
                 header, frames, fds = self._handle(msg, owned)
+            except NeedInputs:
+                header, frames, fds = {"status": "need_inputs"}, [], []
             except CallRefused as exc:
                 header, frames, fds = {"status": exc.status, "message": str(exc)}, [], []
             except KeyReleaseDenied as exc:

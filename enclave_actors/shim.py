@@ -20,7 +20,6 @@ import socket
 import struct
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,70 +30,18 @@ from ray_confidential.errors import KeyReleaseDenied, NoAttestedNodeError, Seale
 SOCKET_ENV = "RAY_CONFIDENTIAL_EXECUTOR_SOCKET"
 INLINE_INPUT_LIMIT = 1 << 20
 """Sealed inputs up to this size travel as frames; larger ones as sealed memfds."""
-MEMFD_CACHE_BYTES = 256 << 20
-"""Sealed memfds of large inputs kept per client for reuse (LRU; :class:`_MemfdCache`)."""
 _SEALED_PREFIX = struct.Struct(">BI")
 _MAX_SEALED_HEADER = 8192
 
 
-class _MemfdCache:
-    """Sealed memfds of large inputs that the executor accepted, by the input's sealed header.
-
-    Copying 64 MiB into a fresh memfd costs several times its decryption (page allocation), so a
-    sealed input passed again (the same object to many calls) reuses its memfd. The key is the
-    sealed header with the length; an entry is kept only after the executor answered ``ok``, that
-    is, after it authenticated those bytes under that header (a forged object with a copied header
-    is never kept). Nothing here is a security check: the shim is untrusted and the executor
-    checks the seals and the AEAD on every call.
-    """
-
-    def __init__(self, max_bytes: int = MEMFD_CACHE_BYTES) -> None:
-        self.max_bytes = max_bytes
-        self._fds: OrderedDict[tuple[bytes, int], int] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def key(view: memoryview) -> tuple[bytes, int] | None:
-        if len(view) < _SEALED_PREFIX.size:
-            return None
-        _, header_len = _SEALED_PREFIX.unpack_from(view, 0)
-        if header_len > _MAX_SEALED_HEADER or len(view) < _SEALED_PREFIX.size + header_len:
-            return None
-        return bytes(view[: _SEALED_PREFIX.size + header_len]), len(view)
-
-    def get(self, key: tuple[bytes, int] | None) -> int | None:
-        if key is None:
-            return None
-        with self._lock:
-            fd = self._fds.get(key)
-            if fd is not None:
-                self._fds.move_to_end(key)
-            return fd
-
-    def put(self, key: tuple[bytes, int], fd: int) -> bool:
-        """Keep ``fd`` (the cache owns it from now on); False when it is too large to keep."""
-        if key[1] > self.max_bytes:
-            return False
-        evicted = []
-        with self._lock:
-            if key in self._fds:
-                return False
-            self._fds[key] = fd
-            self._bytes += key[1]
-            while self._bytes > self.max_bytes:
-                old_key, old_fd = self._fds.popitem(last=False)
-                self._bytes -= old_key[1]
-                evicted.append(old_fd)
-        for old_fd in evicted:
-            os.close(old_fd)
-        return True
-
-    def clear(self) -> None:
-        with self._lock:
-            fds, self._fds, self._bytes = list(self._fds.values()), OrderedDict(), 0
-        for fd in fds:
-            os.close(fd)
+def _sealed_header(view: memoryview) -> bytes | None:
+    """The sealed header bytes at the start of ``view`` (version, length, header), or None."""
+    if len(view) < _SEALED_PREFIX.size:
+        return None
+    _, header_len = _SEALED_PREFIX.unpack_from(view, 0)
+    if header_len > _MAX_SEALED_HEADER or len(view) < _SEALED_PREFIX.size + header_len:
+        return None
+    return bytes(view[: _SEALED_PREFIX.size + header_len])
 
 
 class CallFailed(SealedTaskError):
@@ -161,7 +108,6 @@ class ExecutorClient:
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._known: set[bytes] = set()
-        self._memfds = _MemfdCache()
 
     @classmethod
     def from_env(cls) -> ExecutorClient:
@@ -227,47 +173,53 @@ class ExecutorClient:
             raise ValueError(
                 "plain parameters of a confidential call are limited to 64 KiB; seal larger data"
             )
-        specs: list[dict[str, Any]] = []
-        frames: list[Any] = []
+        views = [memoryview(data).cast("B") for data in inputs]
+        # Large inputs are first named by their sealed header: the executor keeps the memfds of inputs
+        # it already authenticated, and asks for the bytes (``need_inputs``) only when it has none.
+        known = [len(v) > INLINE_INPUT_LIMIT and _sealed_header(v) is not None for v in views]
+        digest = bundle.digest if bundle is not None else None
+        send_bundle = bundle is not None and digest not in self._known
         fds: list[int] = []
-        fresh: dict[int, tuple[bytes, int] | None] = {}  # memfds made for this call -> cache key
         try:
-            for data in inputs:
-                view = memoryview(data).cast("B")
-                if len(view) > INLINE_INPUT_LIMIT:
-                    key = self._memfds.key(view)
-                    fd = self._memfds.get(key)
-                    if fd is None:
-                        fd = protocol.sealed_memfd(view)
-                        fresh[fd] = key
-                    specs.append({"src": "fd", "index": len(fds)})
-                    fds.append(fd)
+            for _attempt in range(3):
+                specs: list[dict[str, Any]] = []
+                frames: list[Any] = [*(d for _, d in bundle.files)] if send_bundle and bundle else []
+                n_src = len(frames)
+                for view, by_header in zip(views, known, strict=True):
+                    if by_header:
+                        specs.append({"src": "known", "index": len(frames) - n_src, "length": len(view)})
+                        frames.append(_sealed_header(view))
+                    elif len(view) > INLINE_INPUT_LIMIT:
+                        specs.append({"src": "fd", "index": len(fds)})
+                        fds.append(protocol.sealed_memfd(view))
+                    else:
+                        specs.append({"src": "frame", "index": len(frames) - n_src})
+                        frames.append(view)
+                request = {**header, "inputs": specs, "params": params}
+                if send_bundle and bundle is not None:
+                    request["bundle"] = {**bundle.to_wire(), "files": n_src}
+                reply = self.request(request, frames, fds)
+                status = reply.header.get("status")
+                if status == "need_bundle" and bundle is not None and not send_bundle:
+                    send_bundle = True
+                elif status == "need_inputs" and any(known):
+                    known = [False] * len(views)
                 else:
-                    specs.append({"src": "frame", "index": len(frames)})
-                    frames.append(view)
-            header = {**header, "inputs": specs, "params": params}
-            digest = bundle.digest if bundle is not None else None
-            if digest is None or digest in self._known:
-                reply = self.request(header, frames, fds)
-            else:
-                reply = protocol.Message({"status": "need_bundle"})
-            if bundle is not None and reply.header.get("status") == "need_bundle":
-                header["bundle"] = {**bundle.to_wire(), "files": len(bundle.files)}
-                reply = self.request(header, [*(d for _, d in bundle.files), *frames], fds)
-            if digest is not None:
+                    break
+                reply.close_fds()
+                for fd in fds:
+                    os.close(fd)
+                fds = []
+            if digest is not None and reply.header.get("status") != "need_bundle":
                 self._known.add(digest)
             ok = reply.header.get("status") == "ok"
-            if ok:  # the executor authenticated these inputs: keep their memfds for the next call
-                for fd, key in list(fresh.items()):
-                    if key is not None and self._memfds.put(key, fd):
-                        del fresh[fd]
             out_bytes = (sum(len(memoryview(f).cast("B")) for f in reply.frames[:1])
                          + sum(os.fstat(fd).st_size for fd in reply.fds[:1])) if ok else 0  # fmt: skip
-            in_bytes = sum(len(memoryview(d).cast("B")) for d in inputs) if ok else 0
+            in_bytes = sum(len(v) for v in views) if ok else 0
             _record_metrics(reply.header.get("report"), in_bytes, out_bytes)
             return reply
         finally:
-            for fd in fresh:
+            for fd in fds:
                 os.close(fd)
 
     @staticmethod
@@ -353,7 +305,6 @@ class ExecutorClient:
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
-        self._memfds.clear()
 
 
 RUNTIME_DIR = f"/tmp/ray-confidential-{os.getuid()}"  # noqa: S108 - owner and 0700 checked at creation

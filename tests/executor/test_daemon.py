@@ -58,28 +58,31 @@ def test_large_input_moves_as_sealed_memfd(env: Env) -> None:
     }
 
 
-def test_repeated_large_input_reuses_its_memfd_only_after_the_executor_accepted_it(env: Env) -> None:
-    """The shim keeps a large input's sealed memfd for the next call (no new 4 MiB copy), but only
-    once the executor authenticated it: a forged body under a genuine header is never kept."""
-    client = ExecutorClient(env.executor.socket)
+def test_large_input_is_named_by_header_once_the_executor_authenticated_it(env: Env) -> None:
+    """A large input goes as a sealed memfd once; later calls, from any shim, name it by its sealed
+    header and the executor reuses the memfd it kept, but only after a call authenticated it: a
+    forged body under a genuine header is never kept, and naming an unknown header costs a retry."""
+    big = env.seal(np.ones(1 << 19) * 3)
+    forged = bytearray(big)
+    forged[-100] ^= 1  # same header, tampered last chunk
+    first, second = ExecutorClient(env.executor.socket), ExecutorClient(env.executor.socket)
     try:
-        big = env.seal(np.ones(1 << 19))
-        forged = bytearray(big)
-        forged[-100] ^= 1  # same header, tampered last chunk
+        known = _stats(env)["stats"]["inputs_known"]
         with pytest.raises(SealedTaskError):
-            client.call(TOTAL, domain="exec-a", inputs=[bytes(forged)], args=[["s", 0]])
-        assert not client._memfds._fds
-        for _ in range(2):
-            out = client.call(TOTAL, domain="exec-a", inputs=[big], args=[["s", 0]])
-            assert env.open(out) == {"sum": float(1 << 19)}
-        (fd,) = client._memfds._fds.values()
-        assert protocol.check_sealed_memfd(fd) == len(big)
-        # The header names the object: a body passed under it again travels as the kept, authenticated
-        # memfd (the executor checks seals and AEAD as on every call).
-        out = client.call(TOTAL, domain="exec-a", inputs=[bytes(forged)], args=[["s", 0]])
-        assert env.open(out) == {"sum": float(1 << 19)} and len(client._memfds._fds) == 1
+            first.call(TOTAL, domain="exec-a", inputs=[bytes(forged)], args=[["s", 0]])
+        assert env.open(first.call(TOTAL, domain="exec-a", inputs=[big], args=[["s", 0]])) == {
+            "sum": 3.0 * (1 << 19)
+        }
+        assert _stats(env)["stats"]["inputs_known"] == known  # the forged body was not kept
+        out = second.call(TOTAL, domain="exec-a", inputs=[big], args=[["s", 0]])
+        assert env.open(out) == {"sum": 3.0 * (1 << 19)}
+        assert _stats(env)["stats"]["inputs_known"] == known + 1
+        header = {"op": "call", "bundle_digest": TOTAL.digest_hex, "domain": "exec-a",
+                  "inputs": [{"src": "known", "index": 0, "length": len(big) + 1}], "params": {"args": [["s", 0]]}}  # fmt: skip
+        assert second.request(header, [big[:200]]).header["status"] in ("need_inputs", "bad_request")
     finally:
-        client.close()
+        first.close()
+        second.close()
 
 
 def test_unsealed_memfd_is_refused(env: Env) -> None:
