@@ -4,8 +4,9 @@
     sealed = client.call(bundle, domain="hospital", inputs=[sealed_bytes], args=[["s", 0]])
 
 The shim holds no key and sees no plaintext: it forwards sealed inputs (large ones as sealed
-memfds, so the executor reads them without a copy and the shim cannot change them mid-read), plain
-JSON parameters and the bundle source, and gets back sealed bytes or a coarse error whose detail,
+memfds, so the executor reads them without a copy and the shim cannot change them mid-read, or by
+their sealed header alone when the executor kept them from an earlier call), plain JSON parameters
+and the bundle source, and gets back sealed bytes or a coarse error whose detail,
 if any, is sealed (:class:`~ray_confidential.errors.SealedTaskError`).
 
 What it does NOT do: any security check. The executor trusts nothing the shim sends.
