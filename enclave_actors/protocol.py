@@ -28,7 +28,6 @@ import mmap
 import os
 import socket
 import struct
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -258,22 +257,22 @@ def map_sealed_memfd(fd: int) -> memoryview:
 
 
 class SealedMapCache:
-    """Read-only mappings of sealed memfds, kept by inode for inputs that come back (LRU by bytes).
+    """Read-only mappings of the sealed memfds of the last call, kept by inode for the next one.
 
     A memfd sealed against write, shrink and grow never changes, and holding its mapping keeps its
     inode alive, so a descriptor with the same (device, inode) and size is the same immutable
-    bytes: a repeated input costs no new mapping of every page. (Even a wrapped inode number could
-    only substitute another sealed object with the same header, data key and commitment: the AEAD
-    opens nothing else.)
+    bytes: an input passed again costs no new mapping of every page. Only the last call's inputs are
+    kept (:meth:`end_call`), so a worker holds at most one call's ciphertext. (Even a wrapped inode
+    number could only substitute another sealed object with the same header, data key and
+    commitment: the AEAD opens nothing else.)
     """
 
-    def __init__(self, max_bytes: int = 512 << 20, max_entries: int = 8) -> None:
-        self.max_bytes, self.max_entries = max_bytes, max_entries
-        self._maps: OrderedDict[tuple[int, int, int], memoryview] = OrderedDict()
-        self._bytes = 0
+    def __init__(self) -> None:
+        self._maps: dict[tuple[int, int, int], memoryview] = {}
+        self._used: set[tuple[int, int, int]] = set()
 
     def map(self, fd: int) -> memoryview:
-        """:func:`map_sealed_memfd`, reusing a kept mapping of the same sealed memfd.
+        """:func:`map_sealed_memfd`, reusing the last call's mapping of the same sealed memfd.
 
         Raises:
             ProtocolError: as :func:`map_sealed_memfd`.
@@ -282,21 +281,18 @@ class SealedMapCache:
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino, size)
         view = self._maps.get(key)
-        if view is not None:
-            self._maps.move_to_end(key)
-            return view
-        view = map_sealed_memfd(fd)
-        if 0 < size <= self.max_bytes:
-            self._maps[key] = view
-            self._bytes += size
-            while self._bytes > self.max_bytes or len(self._maps) > self.max_entries:
-                _, old = self._maps.popitem(last=False)
-                self._bytes -= len(old)
+        if view is None:
+            view = map_sealed_memfd(fd)
+            if size:
+                self._maps[key] = view
+        self._used.add(key)
         return view
 
-    def clear(self) -> None:
-        self._maps.clear()
-        self._bytes = 0
+    def end_call(self) -> None:
+        """Drop the mappings this call did not use."""
+        for key in [k for k in self._maps if k not in self._used]:
+            del self._maps[key]
+        self._used.clear()
 
 
 __all__ = [

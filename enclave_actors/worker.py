@@ -124,7 +124,10 @@ def serve(sock: socket.socket) -> None:
         out = header["out"]
         op = header.get("op", "call")
         try:
-            values = _open_inputs(msg, maps)
+            try:
+                values = _open_inputs(msg, maps)
+            finally:
+                maps.end_call()
             args = _build_args(header["args"], values)
             kwargs = dict(zip(header["kwarg_names"], _build_args(header["kwargs"], values), strict=True))
             del values

@@ -367,24 +367,28 @@ def test_protocol_round_trip_of_many_and_large_frames() -> None:
     b.close()
 
 
-def test_sealed_map_cache_maps_a_sealed_memfd_once() -> None:
+def test_sealed_map_cache_keeps_the_last_calls_mappings_only() -> None:
     cache = protocol.SealedMapCache()
     fd = protocol.sealed_memfd(b"sealed bytes")
     dup = os.dup(fd)  # what SCM_RIGHTS delivers the second time: the same memfd
+    other = protocol.sealed_memfd(b"sealed bytes")
     try:
         first = cache.map(fd)
+        cache.end_call()
         assert cache.map(dup) is first and bytes(first) == b"sealed bytes"
-        other = protocol.sealed_memfd(b"sealed bytes")
         assert cache.map(other) is not first
-        os.close(other)
+        cache.end_call()
+        cache.map(other)
+        cache.end_call()  # a call without the first memfd: its mapping is dropped
+        assert cache.map(dup) is not first
         unsealed = os.memfd_create("x", os.MFD_ALLOW_SEALING)
         os.write(unsealed, b"sealed bytes")
         with pytest.raises(protocol.ProtocolError):
             cache.map(unsealed)
         os.close(unsealed)
     finally:
-        os.close(fd)
-        os.close(dup)
+        for d in (fd, dup, other):
+            os.close(d)
 
 
 def test_protocol_limits() -> None:
