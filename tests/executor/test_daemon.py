@@ -391,6 +391,15 @@ def test_sealed_map_cache_keeps_the_last_calls_mappings_only() -> None:
             os.close(d)
 
 
+def test_shim_options_are_reused_only_for_equal_options() -> None:
+    from enclave_actors.remote import _freeze, _shim_with
+
+    a = {"label_selector": {"ray.io/node-id": "in(a,b)"}, "max_retries": 0}
+    assert _shim_with(a) is _shim_with({"label_selector": {"ray.io/node-id": "in(a,b)"}, "max_retries": 0})
+    assert _shim_with(a) is not _shim_with({**a, "max_retries": 1})
+    assert _freeze({"k": [1]}) != _freeze({"k": (1,)}) != _freeze({"k": {1: None}})
+
+
 def test_protocol_limits() -> None:
     import socket
 
