@@ -13,8 +13,10 @@ run so that the 64 MiB figure can be compared "beyond the cost of decryption its
 Goals (issue 5): <= 0.5 ms added at p50 for small inputs; >= 0.8x plain throughput beyond decryption.
 
 The confidential and plain calls alternate, so both see the same load on a shared machine. The
-64 MiB figure is for an input used again (the shim keeps its sealed memfd, as plasma keeps the plain
-one); ``first_use`` is the first call on a freshly put object, which pays for that one copy.
+64 MiB figure is for an input used again (the executor keeps its authenticated sealed memfd, as the
+node's plasma keeps the plain one); ``first_use`` is the first call on a freshly put object, which
+also pays for that one copy into a sealed memfd, and, for both sides, Ray's transfer of the object
+to the node.
 
 This file is also an example of a ``__main__`` script holding confidential functions: the executor
 imports it under its stem ``executor``, so the block at the bottom never runs there.
@@ -135,7 +137,7 @@ def main() -> int:
         rows = 64 * MiB // 8
         table = pa.table({"x": np.arange(rows, dtype=np.int64)})
         first_conf, first_plain = [], []
-        for _ in range(n_first):  # first use of a fresh object: the shim copies it into a sealed memfd
+        for _ in range(n_first):  # fresh objects: Ray moves them to the node, the shim copies into a memfd
             sref, pref = rc.put(table, domain="bench"), ray.put(table)
             first_conf += _time(lambda s=sref: rc.get(confidential_total.remote(s)), 1)
             first_plain += _time(lambda p=pref: ray.get(plain_total.remote(p)), 1)
