@@ -12,6 +12,12 @@ decryption rate d (AES-256-GCM decrypt_into, as in benchmarks/object_store.py) i
 run so that the 64 MiB figure can be compared "beyond the cost of decryption itself".
 Goals (issue 5): <= 0.5 ms added at p50 for small inputs; >= 0.8x plain throughput beyond decryption.
 
+The confidential and plain calls alternate, so both see the same load on a shared machine. The
+64 MiB figure is for an input used again (the executor keeps its authenticated sealed memfd, as the
+node's plasma keeps the plain one); ``first_use`` is the first call on a freshly put object, which
+also pays for that one copy into a sealed memfd, and, for both sides, Ray's transfer of the object
+to the node.
+
 This file is also an example of a ``__main__`` script holding confidential functions: the executor
 imports it under its stem ``executor``, so the block at the bottom never runs there.
 """
@@ -72,6 +78,15 @@ def _time(fn: Any, n: int) -> list[float]:
     return out
 
 
+def _interleaved(a: Any, b: Any, n: int) -> tuple[list[float], list[float]]:
+    """Time ``a`` and ``b`` alternately, so that both see the same load on a shared machine."""
+    ta, tb = [], []
+    for _ in range(n):
+        ta += _time(a, 1)
+        tb += _time(b, 1)
+    return ta, tb
+
+
 def decrypt_rate(size: int) -> float:
     from ray_confidential.crypto import stream
 
@@ -99,6 +114,7 @@ def main() -> int:
 
     n_small = 100 if args.quick else 400
     n_big = 3 if args.quick else 8
+    n_first = 2 if args.quick else 4
     cluster = Cluster(initialize_head=True, head_node_args={"include_dashboard": False, "num_cpus": 0})
     node = add_tee_node(cluster, tee="sev-snp", num_cpus=1, object_store_memory=600 * MiB)
     rc.init(address=cluster.address, dev=True)
@@ -113,29 +129,36 @@ def main() -> int:
         for _ in range(20):  # warm: worker processes, token, data key
             rc.get(confidential_total.remote(sref))
             ray.get(plain_total.remote(pref))
-        conf = _time(lambda: rc.get(confidential_total.remote(sref)), n_small)
-        plain = _time(lambda: ray.get(plain_total.remote(pref)), n_small)
+        conf, plain = _interleaved(lambda: rc.get(confidential_total.remote(sref)),
+                                   lambda: ray.get(plain_total.remote(pref)), n_small)  # fmt: skip
         c, p = _percentiles(conf), _percentiles(plain)
         results["small"] = {"calls": n_small, "confidential": c, "plain": p,
                             "added_p50_ms": c["p50_ms"] - p["p50_ms"], "added_p99_ms": c["p99_ms"] - p["p99_ms"]}  # fmt: skip
         rows = 64 * MiB // 8
         table = pa.table({"x": np.arange(rows, dtype=np.int64)})
-        sref, pref = rc.put(table, domain="bench"), ray.put(table)
-        rc.get(confidential_total.remote(sref))
-        ray.get(plain_total.remote(pref))
-        conf = _time(lambda: rc.get(confidential_total.remote(sref)), n_big)
-        plain = _time(lambda: ray.get(plain_total.remote(pref)), n_big)
+        first_conf, first_plain = [], []
+        for _ in range(n_first):  # fresh objects: Ray moves them to the node, the shim copies into a memfd
+            sref, pref = rc.put(table, domain="bench"), ray.put(table)
+            first_conf += _time(lambda s=sref: rc.get(confidential_total.remote(s)), 1)
+            first_plain += _time(lambda p=pref: ray.get(plain_total.remote(p)), 1)
+        conf, plain = _interleaved(lambda: rc.get(confidential_total.remote(sref)),
+                                   lambda: ray.get(plain_total.remote(pref)), n_big)  # fmt: skip
         d = decrypt_rate(64 * MiB)
         size = 64
-        conf_s, plain_s = statistics.median(conf), statistics.median(plain)
-        beyond = conf_s - size / d  # confidential time minus the decryption itself
-        results["arrow_64mib"] = {
-            "confidential_mib_s": size / conf_s,
-            "plain_mib_s": size / plain_s,
-            "decrypt_mib_s": d,
-            "confidential_beyond_decrypt_mib_s": size / beyond if beyond > 0 else float("inf"),
-            "ratio_beyond_decrypt": (plain_s / beyond) if beyond > 0 else float("inf"),
-        }
+
+        def figures(conf: list[float], plain: list[float]) -> dict[str, float]:
+            conf_s, plain_s = statistics.median(conf), statistics.median(plain)
+            beyond = conf_s - size / d  # confidential time minus the decryption itself
+            return {
+                "confidential_mib_s": size / conf_s,
+                "plain_mib_s": size / plain_s,
+                "decrypt_mib_s": d,
+                "confidential_beyond_decrypt_mib_s": size / beyond if beyond > 0 else float("inf"),
+                "ratio_beyond_decrypt": (plain_s / beyond) if beyond > 0 else float("inf"),
+            }
+
+        results["arrow_64mib"] = {**figures(conf, plain), "calls": n_big,
+                                  "first_use": {**figures(first_conf, first_plain), "calls": n_first}}  # fmt: skip
     finally:
         rc.shutdown()
         ray.shutdown()
@@ -147,7 +170,8 @@ def main() -> int:
     print(json.dumps(results))
     print(f"executor: small added p50 {s['added_p50_ms']:.2f} ms p99 {s['added_p99_ms']:.2f} ms "
           f"(goal <= 0.5 ms p50); 64 MiB arrow {b['confidential_mib_s']:.0f} MiB/s vs plain "
-          f"{b['plain_mib_s']:.0f} MiB/s, beyond decryption {b['ratio_beyond_decrypt']:.2f}x of plain (goal >= 0.8x)")  # fmt: skip
+          f"{b['plain_mib_s']:.0f} MiB/s, beyond decryption {b['ratio_beyond_decrypt']:.2f}x of plain (goal >= 0.8x); "
+          f"first use of an object {b['first_use']['ratio_beyond_decrypt']:.2f}x")  # fmt: skip
     return 0
 
 

@@ -7,7 +7,8 @@ Warm, side by side in one run, on one simulated sev-snp node of a local Cluster:
 one call (submit + get of a small sealed input, keys cached: no broker round trip per call) and
 small-call throughput (a batch of calls in flight, then all results fetched). The plain task and
 actor run the same function body on the same node. Goals (issue 7): <= 0.6 ms added per call at
-p50; >= 0.7x small-call throughput.
+p50; >= 0.7x small-call throughput. Confidential and plain calls alternate (latency: call by call;
+throughput: three rounds each, the median ratio), so both see the same load on a shared machine.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -61,13 +63,15 @@ def _pcts(samples: list[float]) -> dict[str, float]:
     return {"p50_ms": s[len(s) // 2] * 1e3, "p99_ms": s[min(len(s) - 1, int(len(s) * 0.99))] * 1e3}
 
 
-def _latency(fn: Any, n: int) -> dict[str, float]:
-    out = []
+def _latency(a: Any, b: Any, n: int) -> tuple[dict[str, float], dict[str, float]]:
+    """p50/p99 of ``a`` and ``b``, timed alternately so that both see the same load."""
+    ta, tb = [], []
     for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return _pcts(out)
+        for fn, out in ((a, ta), (b, tb)):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return _pcts(ta), _pcts(tb)
 
 
 def _throughput(submit: Any, fetch: Any, n: int) -> float:
@@ -113,13 +117,13 @@ def main() -> int:
             ("task", lambda: confidential_scale.remote(sx), lambda: plain_scale.remote(px)),
             ("actor", lambda: conf_actor.add.remote(sx), lambda: plain_actor.add.remote(px)),
         ):
-            c = _latency(lambda f=conf_call: rc.get(f()), n)
-            p = _latency(lambda f=plain_call: ray.get(f()), n)
-            ct = _throughput(conf_call, lambda refs: [rc.get(r) for r in refs], n)
-            pt = _throughput(plain_call, ray.get, n)
+            c, p = _latency(lambda f=conf_call: rc.get(f()), lambda f=plain_call: ray.get(f()), n)
+            rounds = [(_throughput(conf_call, lambda refs: [rc.get(r) for r in refs], n),
+                       _throughput(plain_call, ray.get, n)) for _ in range(3)]  # fmt: skip
+            ct, pt = (statistics.median(x) for x in zip(*rounds, strict=True))
             res[kind] = {"confidential": c, "plain": p, "added_p50_ms": c["p50_ms"] - p["p50_ms"],
                          "confidential_calls_per_s": ct, "plain_calls_per_s": pt,
-                         "throughput_ratio": ct / pt}  # fmt: skip
+                         "throughput_ratio": statistics.median(a / b for a, b in rounds)}  # fmt: skip
     finally:
         rc.shutdown()
         ray.shutdown()

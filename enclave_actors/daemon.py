@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -55,6 +56,7 @@ from enclave_actors.keys import BrokerUnavailable, DomainInfo, Grant, KeyRelease
 from ray_confidential.bundle import Bundle
 from ray_confidential.crypto import hpke
 from ray_confidential.errors import DecryptionError, KeyReleaseDenied
+from ray_confidential.sealed.format import MAX_HEADER as MAX_SEALED_HEADER
 from ray_confidential.sealed.format import SealedHeader
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ MAX_POLL_INTERVAL = 10.0
 ROUTING_RETRY_S = 30.0
 """Retry interval after the broker refused a routing token."""
 INLINE_INPUT_LIMIT = 1 << 20
+SEALED_HEADER_BYTES = 5 + MAX_SEALED_HEADER
+"""Version byte, u32 header length and the longest header (docs/sealed-format.md)."""
 
 
 class CallRefused(Exception):
@@ -86,6 +90,64 @@ class Limits:
     """RLIMIT_AS of each worker subprocess (0 = no limit)."""
     max_workers: int = 16
     max_actors: int = 64
+    input_cache_bytes: int = 256 << 20
+    """Sealed memfds of large inputs kept for calls that name them again (:class:`_InputCache`)."""
+
+
+class NeedInputs(Exception):
+    """A call named a large input by its sealed header that the executor does not hold."""
+
+
+class _InputCache:
+    """Sealed memfds of large inputs that a call already authenticated, by (sealed header, length).
+
+    Copying 64 MiB into a fresh sealed memfd costs the shim about twice the input's decryption, so
+    a shim first names a large input by its sealed header alone (``src = "known"``) and sends the
+    memfd only when told ``need_inputs``. An entry is kept only after a call on it succeeded: the
+    worker authenticated every chunk under that header (a forged body under a copied header is never
+    kept). Naming an object by its header grants nothing: its ciphertext is in Ray's object store
+    for any worker to read, and every call still checks seals, policy, keys and the AEAD. Entries
+    are ciphertext; :meth:`get` hands out a duplicate descriptor, so an eviction never closes a
+    descriptor in use.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._fds: OrderedDict[tuple[bytes, int], int] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[bytes, int]) -> int | None:
+        """A new descriptor for the kept memfd (the caller closes it), or None."""
+        with self._lock:
+            fd = self._fds.get(key)
+            if fd is None:
+                return None
+            self._fds.move_to_end(key)
+            return os.dup(fd)
+
+    def put(self, key: tuple[bytes, int], fd: int) -> None:
+        """Keep a duplicate of ``fd`` (a sealed memfd a call just authenticated under ``key``)."""
+        if key[1] > self.max_bytes:
+            return
+        evicted = []
+        with self._lock:
+            if key in self._fds:
+                return
+            self._fds[key] = os.dup(fd)
+            self._bytes += key[1]
+            while self._bytes > self.max_bytes:
+                old_key, old_fd = self._fds.popitem(last=False)
+                self._bytes -= old_key[1]
+                evicted.append(old_fd)
+        for old_fd in evicted:
+            os.close(old_fd)
+
+    def clear(self) -> None:
+        with self._lock:
+            fds, self._fds, self._bytes = list(self._fds.values()), OrderedDict(), 0
+        for fd in fds:
+            os.close(fd)
 
 
 class _Worker:
@@ -136,6 +198,7 @@ class _Actor:
     actor_id: str
     worker: _Worker
     bundle: Bundle
+    digest: bytes
     domains: tuple[str, ...]
     out: dict[str, Any]
 
@@ -182,7 +245,8 @@ class Executor:
         self._epoch: int | None = None
         self._last_broker_ok = clock()
         self.unavailable: str | None = None
-        self.stats = {"unwraps": 0, "grants": 0, "workers_started": 0, "actors_started": 0}
+        self.inputs = _InputCache(self.limits.input_cache_bytes)
+        self.stats = {"unwraps": 0, "grants": 0, "workers_started": 0, "actors_started": 0, "inputs_known": 0}
         self._report = threading.local()
 
     # -- per-request report (metrics: the shim records it, docs/executor.md "Protocol") --------------
@@ -213,6 +277,7 @@ class Executor:
             self._grants.clear()
             workers, self._workers = self._workers, {}
             actors, self._actors = self._actors, {}
+        self.inputs.clear()
         for dek, _ in deks.values():
             dek[:] = bytes(len(dek))
         for worker in [*workers.values(), *(a.worker for a in actors.values())]:
@@ -308,8 +373,9 @@ class Executor:
         return bytes(dek)
 
     # -- shared steps of calls and actors ------------------------------------------------------------
-    def _bundle(self, h: dict[str, Any], frames: list[Any]) -> tuple[Bundle | None, list[Any]]:
-        """(1) The bundle we hashed ourselves, never what the shim claims; None: ask for the source."""
+    def _bundle(self, h: dict[str, Any], frames: list[Any]) -> tuple[Bundle | None, bytes, list[Any]]:
+        """(1) The bundle we hashed ourselves, never what the shim claims, and its digest (computed
+        when the source arrived: bundles are cached by it); None: ask for the source."""
         try:
             claimed = bytes.fromhex(str(h["bundle_digest"]))
         except (KeyError, ValueError):
@@ -318,7 +384,7 @@ class Executor:
         bundle = self._bundles.get(claimed)
         if bundle is None:
             if not n_src:
-                return None, frames
+                return None, claimed, frames
             try:
                 bundle = Bundle.from_wire(h["bundle"], frames[:n_src])
             except (KeyError, ValueError, TypeError) as exc:
@@ -327,30 +393,49 @@ class Executor:
                 raise CallRefused("bad_request", "bundle source does not match its digest")
             with self._lock:
                 self._bundles[bundle.digest] = bundle
-        return bundle, frames[n_src:]
+        return bundle, claimed, frames[n_src:]
 
-    @staticmethod
     def _inputs(
-        h: dict[str, Any], frames: list[Any], fds: list[int]
+        self, h: dict[str, Any], frames: list[Any], fds: list[int], owned: list[int]
     ) -> list[tuple[SealedHeader, Any, str, int]]:
-        """(2) Sealed inputs: (parsed header, bytes, "frame" | "fd", descriptor or -1), bounds-checked."""
+        """(2) Sealed inputs: (parsed header, bytes, "frame" | "fd", descriptor or -1), bounds-checked.
+
+        ``"known"`` inputs (a sealed header and the length) come from :class:`_InputCache`; their
+        descriptors are appended to ``owned`` (the caller closes them). Raises :class:`NeedInputs`
+        when one is not kept here.
+        """
         specs = h.get("inputs", [])
         if not isinstance(specs, list) or len(specs) > MAX_INPUTS:
             raise CallRefused("bad_request", f"at most {MAX_INPUTS} sealed inputs per call")
         out = []
+        missing = False
         for spec in specs:
             try:
                 src, index = str(spec["src"]), int(spec["index"])
                 if src == "fd":
+                    # The header only: the worker maps the body (no page of it is touched here).
                     fd = fds[index]
-                    view: Any = protocol.map_sealed_memfd(fd)
+                    view: Any = protocol.read_sealed_prefix(fd, SEALED_HEADER_BYTES)
                 elif src == "frame":
                     fd, view = -1, frames[index]
+                elif src == "known":
+                    view = bytes(frames[index])
+                    kept = self.inputs.get((view, int(spec["length"])))
+                    if kept is None:
+                        missing = True
+                        continue
+                    owned.append(kept)
+                    self.stats["inputs_known"] += 1
+                    fd, src = kept, "fd"
+                    if protocol.read_sealed_prefix(fd, len(view)) != view:
+                        raise ValueError("kept input does not match its header")
                 else:
                     raise ValueError(src)
                 out.append((SealedHeader.parse(view), view, src, fd))
             except (KeyError, IndexError, ValueError, TypeError, protocol.ProtocolError, DecryptionError):
                 raise CallRefused("bad_request", "malformed sealed input") from None
+        if missing:
+            raise NeedInputs()
         params = h.get("params", {})
         if not isinstance(params, dict) or len(json.dumps(params)) > MAX_PARAMS_BYTES:
             raise CallRefused("bad_request", f"plain parameters are limited to {MAX_PARAMS_BYTES} bytes")
@@ -403,11 +488,10 @@ class Executor:
         if self.unavailable is not None:
             raise CallRefused("unavailable", self.unavailable)
         h = msg.header
-        bundle, frames = self._bundle(h, msg.frames)  # (1)
+        bundle, digest, frames = self._bundle(h, msg.frames)  # (1)
         if bundle is None:
             return {"status": "need_bundle"}, [], []
-        digest = bundle.digest
-        inputs = self._inputs(h, frames, msg.fds)  # (2)
+        inputs = self._inputs(h, frames, msg.fds, msg.fds)  # (2)
         out_domain = str(h.get("domain", ""))
         domains = tuple(sorted({out_domain, *(x[0].domain for x in inputs)}))
         infos, out = self._approve(digest, domains, out_domain, h.get("recipient"))  # (3)
@@ -416,9 +500,23 @@ class Executor:
         # (6) Run in the worker dedicated to (domains, bundle).
         timeout = self._timeout(h)
         request, inline, fds = self._request("call", inputs, infos, h.get("params", {}), out, digest, domains)
-        worker = self._worker(domains, bundle)
-        return self._run(worker, request, [*deks, *inline], fds, timeout,
-                         lambda: self._discard(domains, bundle, worker))  # fmt: skip
+        worker = self._worker(domains, bundle, digest)
+        reply = self._run(worker, request, [*deks, *inline], fds, timeout,
+                          lambda: self._discard(domains, digest, worker))  # fmt: skip
+        return self._keep_inputs(inputs, reply)
+
+    def _keep_inputs(
+        self,
+        inputs: list[tuple[SealedHeader, Any, str, int]],
+        reply: tuple[dict[str, Any], list[Any], list[int]],
+    ) -> tuple[dict[str, Any], list[Any], list[int]]:
+        """After ``ok`` (the worker authenticated every input), keep large inputs' memfds for calls
+        that name them by header (:class:`_InputCache`)."""
+        if reply[0].get("status") == "ok":
+            for header, _view, src, fd in inputs:
+                if src == "fd":
+                    self.inputs.put((header.header_bytes, os.fstat(fd).st_size), fd)
+        return reply
 
     def _timeout(self, h: dict[str, Any]) -> float:
         try:
@@ -438,11 +536,10 @@ class Executor:
         if self.unavailable is not None:
             raise CallRefused("unavailable", self.unavailable)
         h = msg.header
-        bundle, frames = self._bundle(h, msg.frames)
+        bundle, digest, frames = self._bundle(h, msg.frames)
         if bundle is None:
             return {"status": "need_bundle"}, [], []
-        digest = bundle.digest
-        inputs = self._inputs(h, frames, msg.fds)
+        inputs = self._inputs(h, frames, msg.fds, msg.fds)
         out_domain = str(h.get("domain", ""))
         domains = tuple(sorted({out_domain, *(x[0].domain for x in inputs)}))
         infos, out = self._approve(digest, domains, out_domain, h.get("recipient"))
@@ -455,11 +552,12 @@ class Executor:
                 )
         worker = _Worker(bundle, self.limits.memory_limit_bytes)
         self.stats["actors_started"] += 1
-        actor = _Actor(uuid.uuid4().hex, worker, bundle, domains, out)
+        actor = _Actor(uuid.uuid4().hex, worker, bundle, digest, domains, out)
         request, inline, fds = self._request(
             "actor_init", inputs, infos, h.get("params", {}), out, digest, domains
         )
-        reply = self._run(worker, request, [*deks, *inline], fds, self._timeout(h), worker.stop)
+        reply = self._keep_inputs(inputs, self._run(worker, request, [*deks, *inline], fds, self._timeout(h),
+                                                    worker.stop))  # fmt: skip
         if reply[0]["status"] != "ok":
             worker.stop()
             return reply
@@ -481,20 +579,20 @@ class Executor:
         method = h.get("method")
         if not isinstance(method, str) or not _METHOD_RE.match(method):
             raise CallRefused("bad_request", "method must be a public method name")
-        inputs = self._inputs(h, msg.frames, msg.fds)
+        inputs = self._inputs(h, msg.frames, msg.fds, msg.fds)
         foreign = {x[0].domain for x in inputs} - set(actor.domains)
         if foreign:
             raise CallRefused("denied", f"inputs of domains {sorted(foreign)} cannot enter an actor of "
                                         f"domains {list(actor.domains)} (domains never share a process)")  # fmt: skip
-        digest = actor.bundle.digest
+        digest = actor.digest
         infos = {name: self._with_broker(partial(self.releaser.domain, name)) for name in actor.domains}
         grant = self._grant(digest, actor.domains)
         deks = [self._dek(grant, x[0]) for x in inputs]
         request, inline, fds = self._request("actor_call", inputs, infos, h.get("params", {}), actor.out, digest,
                                              actor.domains)  # fmt: skip
         request["method"] = method
-        header, frames, out_fds = self._run(actor.worker, request, [*deks, *inline], fds, self._timeout(h),
-                                            lambda: self.stop_actor(actor.actor_id))  # fmt: skip
+        header, frames, out_fds = self._keep_inputs(inputs, self._run(
+            actor.worker, request, [*deks, *inline], fds, self._timeout(h), lambda: self.stop_actor(actor.actor_id)))  # fmt: skip
         return {**header, **self._trust_state(grant)}, frames, out_fds
 
     def stop_actor(self, actor_id: str) -> None:
@@ -526,8 +624,8 @@ class Executor:
         # Key version 0 marks "sealed to a policy-listed recipient key" (docs/executor.md).
         return {"domain": desc.name, "version": 0, "suite": suite, "public_key": raw, "allow_pickle": False}
 
-    def _worker(self, domains: tuple[str, ...], bundle: Bundle) -> _Worker:
-        key = (domains, bundle.digest)
+    def _worker(self, domains: tuple[str, ...], bundle: Bundle, digest: bytes) -> _Worker:
+        key = (domains, digest)
         with self._lock:
             worker = self._workers.get(key)
             if worker is not None and worker.alive():
@@ -571,10 +669,10 @@ class Executor:
             raise CallRefused("crashed", "the confidential call's worker answered badly")
         return {"status": status}, reply.frames, reply.fds
 
-    def _discard(self, domains: tuple[str, ...], bundle: Bundle, worker: _Worker) -> None:
+    def _discard(self, domains: tuple[str, ...], digest: bytes, worker: _Worker) -> None:
         with self._lock:
-            if self._workers.get((domains, bundle.digest)) is worker:
-                del self._workers[(domains, bundle.digest)]
+            if self._workers.get((domains, digest)) is worker:
+                del self._workers[(domains, digest)]
         worker.stop()
 
 
@@ -678,6 +776,8 @@ class ExecutorServer:
                 self.executor.begin_report()
             try:
                 header, frames, fds = self._handle(msg, owned)
+            except NeedInputs:
+                header, frames, fds = {"status": "need_inputs"}, [], []
             except CallRefused as exc:
                 header, frames, fds = {"status": exc.status, "message": str(exc)}, [], []
             except KeyReleaseDenied as exc:

@@ -39,6 +39,9 @@ MAX_FRAME: Final = 64 << 20
 MAX_TOTAL_FRAMES: Final = 128 << 20
 MAX_FDS: Final = 64
 _PREFIX = struct.Struct(">BIH")
+_PACK_LIMIT: Final = 64 << 10
+"""Frames up to this size are copied after the header (one buffer); larger ones are sent in place."""
+_IOV_BATCH: Final = 256
 _U64 = struct.Struct(">Q")
 _REQUIRED_SEALS: Final = (
     getattr(os, "F_SEAL_WRITE", 8) | getattr(os, "F_SEAL_SHRINK", 2) | getattr(os, "F_SEAL_GROW", 4)
@@ -72,20 +75,36 @@ class Message:
 def send(
     sock: socket.socket, header: dict[str, Any], frames: Sequence[Any] = (), fds: Sequence[int] = ()
 ) -> None:
-    """Send one message (frames may be any buffers; they are not copied into one string)."""
+    """Send one message with as few ``sendmsg`` calls as the kernel allows (usually one).
+
+    Small frames are packed after the header; large ones go as their own buffers (never copied), so
+    the receiver wakes up once for a whole small message instead of once per part.
+    """
     body = json.dumps({**header, "fds": len(fds)} if fds else header, separators=(",", ":")).encode()
     if len(body) > MAX_HEADER or len(frames) > MAX_FRAMES or len(fds) > MAX_FDS:
         raise ProtocolError("message over the protocol limits")
-    parts: list[Any] = [_PREFIX.pack(VERSION, len(body), len(frames)) + body]
+    head = bytearray(_PREFIX.pack(VERSION, len(body), len(frames)))
+    head += body
+    parts: list[Any] = []
     for frame in frames:
         view = memoryview(frame).cast("B")
-        parts.append(_U64.pack(len(view)))
-        parts.append(view)
-    if fds:
-        sock.sendmsg([parts[0]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        parts = parts[1:]
-    for part in parts:
-        sock.sendall(part)
+        head += _U64.pack(len(view))
+        if len(view) <= _PACK_LIMIT:
+            head += view
+        else:
+            parts.append(memoryview(head))
+            parts.append(view)
+            head = bytearray()
+    if head:
+        parts.append(memoryview(head))
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    while parts:
+        sent = sock.sendmsg(parts[:_IOV_BATCH], ancillary)
+        ancillary = []  # descriptors travel with the first bytes only
+        while parts and sent >= len(parts[0]):
+            sent -= len(parts.pop(0))
+        if parts and sent:
+            parts[0] = parts[0][sent:]
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
@@ -201,8 +220,8 @@ def seal_memfd(fd: int) -> None:
     fcntl.fcntl(fd, _F_ADD_SEALS, _REQUIRED_SEALS | _F_SEAL_SEAL)
 
 
-def map_sealed_memfd(fd: int) -> memoryview:
-    """Map a received memfd read-only after checking it is sealed immutable.
+def check_sealed_memfd(fd: int) -> int:
+    """Check that ``fd`` is a memfd sealed against write, shrink and grow; return its size.
 
     Raises:
         ProtocolError: the descriptor is not a memfd sealed against write, shrink and grow.
@@ -215,17 +234,75 @@ def map_sealed_memfd(fd: int) -> memoryview:
         raise ProtocolError("input descriptor is not a sealed memfd") from None
     if seals & _REQUIRED_SEALS != _REQUIRED_SEALS:
         raise ProtocolError("input memfd is not sealed against writes")
-    size = os.fstat(fd).st_size
+    return os.fstat(fd).st_size
+
+
+def read_sealed_prefix(fd: int, n: int) -> bytes:
+    """The first ``n`` bytes (or fewer, if shorter) of a sealed memfd, read without mapping it
+    (the executor parses only the sealed header; the worker maps the rest)."""
+    size = check_sealed_memfd(fd)
+    return os.pread(fd, min(n, size), 0)
+
+
+def map_sealed_memfd(fd: int) -> memoryview:
+    """Map a received memfd read-only after checking it is sealed immutable.
+
+    Raises:
+        ProtocolError: the descriptor is not a memfd sealed against write, shrink and grow.
+    """
+    size = check_sealed_memfd(fd)
     if size == 0:
         return memoryview(b"")
     return memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ, flags=_POPULATE))
+
+
+class SealedMapCache:
+    """Read-only mappings of the sealed memfds of the last call, kept by inode for the next one.
+
+    A memfd sealed against write, shrink and grow never changes, and holding its mapping keeps its
+    inode alive, so a descriptor with the same (device, inode) and size is the same immutable
+    bytes: an input passed again costs no new mapping of every page. Only the last call's inputs are
+    kept (:meth:`end_call`), so a worker holds at most one call's ciphertext. (Even a wrapped inode
+    number could only substitute another sealed object with the same header, data key and
+    commitment: the AEAD opens nothing else.)
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[tuple[int, int, int], memoryview] = {}
+        self._used: set[tuple[int, int, int]] = set()
+
+    def map(self, fd: int) -> memoryview:
+        """:func:`map_sealed_memfd`, reusing the last call's mapping of the same sealed memfd.
+
+        Raises:
+            ProtocolError: as :func:`map_sealed_memfd`.
+        """
+        size = check_sealed_memfd(fd)
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino, size)
+        view = self._maps.get(key)
+        if view is None:
+            view = map_sealed_memfd(fd)
+            if size:
+                self._maps[key] = view
+        self._used.add(key)
+        return view
+
+    def end_call(self) -> None:
+        """Drop the mappings this call did not use."""
+        for key in [k for k in self._maps if k not in self._used]:
+            del self._maps[key]
+        self._used.clear()
 
 
 __all__ = [
     "MemfdWriter",
     "Message",
     "ProtocolError",
+    "SealedMapCache",
+    "check_sealed_memfd",
     "map_sealed_memfd",
+    "read_sealed_prefix",
     "recv",
     "sealed_memfd",
     "send",

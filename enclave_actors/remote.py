@@ -118,7 +118,7 @@ class ConfidentialFunction:
                     recipient=recipient(self._options))  # fmt: skip
         opts = call_options(self._domain, self._options)
         opts.setdefault("max_retries", 0)
-        object_ref = _shim_remote().options(**opts).remote(spec, self.bundle, *refs)
+        object_ref = _shim_with(opts).remote(spec, self.bundle, *refs)
         return SealedRef(object_ref, domain=self._domain, key_version=0, object_id="", size=0)
 
 
@@ -132,6 +132,35 @@ def _shim_remote() -> Any:
 
         _SHIM = ray.remote(_shim_task)
     return _SHIM
+
+
+_SHIM_OPTIONS: dict[Any, Any] = {}
+"""``_shim_task`` with Ray options applied, by the options (placement changes them only when the
+trust registry or the call's options change)."""
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return ("dict", *((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, *(_freeze(v) for v in value))
+    hash(value)  # TypeError for anything else unhashable
+    return (type(value).__name__, value)
+
+
+def _shim_with(opts: dict[str, Any]) -> Any:
+    """``_shim_remote().options(**opts)``, reused while the options are the same (Ray builds and
+    validates a wrapper per ``.options()`` call, about 40 µs of the driver's time per call)."""
+    try:
+        key = _freeze(opts)
+    except TypeError:
+        return _shim_remote().options(**opts)
+    shim = _SHIM_OPTIONS.get(key)
+    if shim is None:
+        if len(_SHIM_OPTIONS) >= 64:
+            _SHIM_OPTIONS.clear()
+        shim = _SHIM_OPTIONS[key] = _shim_remote().options(**opts)
+    return shim
 
 
 def encode_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:

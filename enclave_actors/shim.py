@@ -4,8 +4,9 @@
     sealed = client.call(bundle, domain="hospital", inputs=[sealed_bytes], args=[["s", 0]])
 
 The shim holds no key and sees no plaintext: it forwards sealed inputs (large ones as sealed
-memfds, so the executor reads them without a copy and the shim cannot change them mid-read), plain
-JSON parameters and the bundle source, and gets back sealed bytes or a coarse error whose detail,
+memfds, so the executor reads them without a copy and the shim cannot change them mid-read, or by
+their sealed header alone when the executor kept them from an earlier call), plain JSON parameters
+and the bundle source, and gets back sealed bytes or a coarse error whose detail,
 if any, is sealed (:class:`~ray_confidential.errors.SealedTaskError`).
 
 What it does NOT do: any security check. The executor trusts nothing the shim sends.
@@ -17,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -29,6 +31,18 @@ from ray_confidential.errors import KeyReleaseDenied, NoAttestedNodeError, Seale
 SOCKET_ENV = "RAY_CONFIDENTIAL_EXECUTOR_SOCKET"
 INLINE_INPUT_LIMIT = 1 << 20
 """Sealed inputs up to this size travel as frames; larger ones as sealed memfds."""
+_SEALED_PREFIX = struct.Struct(">BI")
+_MAX_SEALED_HEADER = 8192
+
+
+def _sealed_header(view: memoryview) -> bytes | None:
+    """The sealed header bytes at the start of ``view`` (version, length, header), or None."""
+    if len(view) < _SEALED_PREFIX.size:
+        return None
+    _, header_len = _SEALED_PREFIX.unpack_from(view, 0)
+    if header_len > _MAX_SEALED_HEADER or len(view) < _SEALED_PREFIX.size + header_len:
+        return None
+    return bytes(view[: _SEALED_PREFIX.size + header_len])
 
 
 class CallFailed(SealedTaskError):
@@ -160,32 +174,49 @@ class ExecutorClient:
             raise ValueError(
                 "plain parameters of a confidential call are limited to 64 KiB; seal larger data"
             )
-        specs: list[dict[str, Any]] = []
-        frames: list[Any] = []
+        views = [memoryview(data).cast("B") for data in inputs]
+        # Large inputs are first named by their sealed header: the executor keeps the memfds of inputs
+        # it already authenticated, and asks for the bytes (``need_inputs``) only when it has none.
+        known = [len(v) > INLINE_INPUT_LIMIT and _sealed_header(v) is not None for v in views]
+        digest = bundle.digest if bundle is not None else None
+        send_bundle = bundle is not None and digest not in self._known
         fds: list[int] = []
         try:
-            for data in inputs:
-                view = memoryview(data).cast("B")
-                if len(view) > INLINE_INPUT_LIMIT:
-                    specs.append({"src": "fd", "index": len(fds)})
-                    fds.append(protocol.sealed_memfd(view))
+            for _attempt in range(3):
+                specs: list[dict[str, Any]] = []
+                frames: list[Any] = [*(d for _, d in bundle.files)] if send_bundle and bundle else []
+                n_src = len(frames)
+                for view, by_header in zip(views, known, strict=True):
+                    if by_header:
+                        specs.append({"src": "known", "index": len(frames) - n_src, "length": len(view)})
+                        frames.append(_sealed_header(view))
+                    elif len(view) > INLINE_INPUT_LIMIT:
+                        specs.append({"src": "fd", "index": len(fds)})
+                        fds.append(protocol.sealed_memfd(view))
+                    else:
+                        specs.append({"src": "frame", "index": len(frames) - n_src})
+                        frames.append(view)
+                request = {**header, "inputs": specs, "params": params}
+                if send_bundle and bundle is not None:
+                    request["bundle"] = {**bundle.to_wire(), "files": n_src}
+                reply = self.request(request, frames, fds)
+                status = reply.header.get("status")
+                if status == "need_bundle" and bundle is not None and not send_bundle:
+                    send_bundle = True
+                elif status == "need_inputs" and any(known):
+                    known = [False] * len(views)
                 else:
-                    specs.append({"src": "frame", "index": len(frames)})
-                    frames.append(view)
-            header = {**header, "inputs": specs, "params": params}
-            if bundle is None or bundle.digest in self._known:
-                reply = self.request(header, frames, fds)
-            else:
-                reply = protocol.Message({"status": "need_bundle"})
-            if bundle is not None and reply.header.get("status") == "need_bundle":
-                header["bundle"] = {**bundle.to_wire(), "files": len(bundle.files)}
-                reply = self.request(header, [*(d for _, d in bundle.files), *frames], fds)
-            if bundle is not None:
-                self._known.add(bundle.digest)
+                    break
+                reply.close_fds()
+                for fd in fds:
+                    os.close(fd)
+                fds = []
+            if digest is not None and reply.header.get("status") != "need_bundle":
+                self._known.add(digest)
             ok = reply.header.get("status") == "ok"
             out_bytes = (sum(len(memoryview(f).cast("B")) for f in reply.frames[:1])
                          + sum(os.fstat(fd).st_size for fd in reply.fds[:1])) if ok else 0  # fmt: skip
-            in_bytes = sum(len(memoryview(d).cast("B")) for d in inputs) if ok else 0
+            in_bytes = sum(len(v) for v in views) if ok else 0
             _record_metrics(reply.header.get("report"), in_bytes, out_bytes)
             return reply
         finally:

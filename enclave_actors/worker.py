@@ -44,15 +44,28 @@ class _Output:
         return self.writer(size)
 
 
-def _seal(value: Any, out: dict[str, Any], producer: str) -> tuple[list[Any], list[int]]:
-    from ray_confidential.crypto.hpke import PublicKey
-    from ray_confidential.sealed.format import DomainPublicKey, seal
+_OUTPUT_KEYS: dict[tuple[Any, ...], Any] = {}
+"""Parsed output keys of this worker's calls (public keys; a handful per worker)."""
 
-    key = DomainPublicKey(
-        domain=out["domain"],
-        version=int(out["version"]),
-        public_key=PublicKey(out["suite"], bytes.fromhex(out["public_key"])),
-    )
+
+def _output_key(out: dict[str, Any]) -> Any:
+    from ray_confidential.crypto.hpke import PublicKey
+    from ray_confidential.sealed.format import DomainPublicKey
+
+    fields = (out["domain"], out["version"], out["suite"], out["public_key"])
+    key = _OUTPUT_KEYS.get(fields)
+    if key is None:
+        key = DomainPublicKey(domain=out["domain"], version=int(out["version"]),
+                              public_key=PublicKey(out["suite"], bytes.fromhex(out["public_key"])))  # fmt: skip
+        if len(_OUTPUT_KEYS) < 64:
+            _OUTPUT_KEYS[fields] = key
+    return key
+
+
+def _seal(value: Any, out: dict[str, Any], producer: str) -> tuple[list[Any], list[int]]:
+    from ray_confidential.sealed.format import seal
+
+    key = _output_key(out)
     target = _Output()
     sealed = seal(value, key, producer_id=producer, allow_pickle=bool(out["allow_pickle"]), allocate=target)
     if target.writer is not None:
@@ -61,8 +74,7 @@ def _seal(value: Any, out: dict[str, Any], producer: str) -> tuple[list[Any], li
     return [sealed], []
 
 
-def _open_inputs(msg: Any) -> list[Any]:
-    from enclave_actors.protocol import map_sealed_memfd
+def _open_inputs(msg: Any, maps: Any) -> list[Any]:
     from ray_confidential.sealed.format import open_with_dek
 
     specs = msg.header["inputs"]
@@ -71,9 +83,7 @@ def _open_inputs(msg: Any) -> list[Any]:
     values = []
     try:
         for spec, dek in zip(specs, deks, strict=True):
-            data = (
-                inline[spec["index"]] if spec["src"] == "frame" else map_sealed_memfd(msg.fds[spec["index"]])
-            )
+            data = inline[spec["index"]] if spec["src"] == "frame" else maps.map(msg.fds[spec["index"]])
             values.append(open_with_dek(data, dek, allow_pickle=bool(spec["allow_pickle"])))
     finally:
         deks.clear()
@@ -103,6 +113,7 @@ def serve(sock: socket.socket) -> None:
         return
     protocol.send(sock, {"status": "ok"})
     producer = bundle.digest_hex[:32]
+    maps = protocol.SealedMapCache()  # ciphertext only: inputs that come back are not mapped again
     instance: Any = None  # the enclave actor's state (op "actor_init"), lives in this process only
     while True:
         try:
@@ -113,7 +124,10 @@ def serve(sock: socket.socket) -> None:
         out = header["out"]
         op = header.get("op", "call")
         try:
-            values = _open_inputs(msg)
+            try:
+                values = _open_inputs(msg, maps)
+            finally:
+                maps.end_call()
             args = _build_args(header["args"], values)
             kwargs = dict(zip(header["kwarg_names"], _build_args(header["kwargs"], values), strict=True))
             del values

@@ -179,6 +179,9 @@ def flush_soon(min_interval: float = FLUSH_SOON_SECONDS) -> None:
 def _background_flush() -> None:
     with _buffer.lock:
         _buffer.pending = False
+        # An attempt counts as a flush: outside Ray (or before ray.init) the next one waits
+        # min_interval too, instead of starting a timer thread per recorded call.
+        _buffer.last_flush = time.monotonic()
     if "ray" not in sys.modules:  # not a Ray process: nowhere to send them (kept for a later flush)
         return
     try:

@@ -58,6 +58,33 @@ def test_large_input_moves_as_sealed_memfd(env: Env) -> None:
     }
 
 
+def test_large_input_is_named_by_header_once_the_executor_authenticated_it(env: Env) -> None:
+    """A large input goes as a sealed memfd once; later calls, from any shim, name it by its sealed
+    header and the executor reuses the memfd it kept, but only after a call authenticated it: a
+    forged body under a genuine header is never kept, and naming an unknown header costs a retry."""
+    big = env.seal(np.ones(1 << 19) * 3)
+    forged = bytearray(big)
+    forged[-100] ^= 1  # same header, tampered last chunk
+    first, second = ExecutorClient(env.executor.socket), ExecutorClient(env.executor.socket)
+    try:
+        known = _stats(env)["stats"]["inputs_known"]
+        with pytest.raises(SealedTaskError):
+            first.call(TOTAL, domain="exec-a", inputs=[bytes(forged)], args=[["s", 0]])
+        assert env.open(first.call(TOTAL, domain="exec-a", inputs=[big], args=[["s", 0]])) == {
+            "sum": 3.0 * (1 << 19)
+        }
+        assert _stats(env)["stats"]["inputs_known"] == known  # the forged body was not kept
+        out = second.call(TOTAL, domain="exec-a", inputs=[big], args=[["s", 0]])
+        assert env.open(out) == {"sum": 3.0 * (1 << 19)}
+        assert _stats(env)["stats"]["inputs_known"] == known + 1
+        header = {"op": "call", "bundle_digest": TOTAL.digest_hex, "domain": "exec-a",
+                  "inputs": [{"src": "known", "index": 0, "length": len(big) + 1}], "params": {"args": [["s", 0]]}}  # fmt: skip
+        assert second.request(header, [big[:200]]).header["status"] in ("need_inputs", "bad_request")
+    finally:
+        first.close()
+        second.close()
+
+
 def test_unsealed_memfd_is_refused(env: Env) -> None:
     """The shim could rewrite an unsealed memfd while the executor reads it (TOCTOU): refused."""
     data = env.seal(np.arange(4.0))
@@ -321,6 +348,56 @@ def test_executor_is_hardened(env: Env) -> None:
     # Non-dumpable processes' /proc files are owned by root:root; the kernel reports it in /proc/PID/stat too.
     assert os.stat(f"/proc/{env.executor.pid}/mem").st_uid == 0
     assert status
+
+
+def test_protocol_round_trip_of_many_and_large_frames() -> None:
+    """One message per ``send``, even when the kernel takes it in several pieces."""
+    import socket
+    import threading
+
+    a, b = socket.socketpair()
+    frames = [os.urandom(n) for n in (0, 1, 100, 70_000, 3 << 20, 5)] + [b"x"] * 600
+    got: list[protocol.Message] = []
+    reader = threading.Thread(target=lambda: got.append(protocol.recv(b)))
+    reader.start()
+    protocol.send(a, {"op": "ping", "n": 1}, frames)
+    reader.join(10)
+    assert got[0].header == {"op": "ping", "n": 1} and got[0].frames == frames
+    a.close()
+    b.close()
+
+
+def test_sealed_map_cache_keeps_the_last_calls_mappings_only() -> None:
+    cache = protocol.SealedMapCache()
+    fd = protocol.sealed_memfd(b"sealed bytes")
+    dup = os.dup(fd)  # what SCM_RIGHTS delivers the second time: the same memfd
+    other = protocol.sealed_memfd(b"sealed bytes")
+    try:
+        first = cache.map(fd)
+        cache.end_call()
+        assert cache.map(dup) is first and bytes(first) == b"sealed bytes"
+        assert cache.map(other) is not first
+        cache.end_call()
+        cache.map(other)
+        cache.end_call()  # a call without the first memfd: its mapping is dropped
+        assert cache.map(dup) is not first
+        unsealed = os.memfd_create("x", os.MFD_ALLOW_SEALING)
+        os.write(unsealed, b"sealed bytes")
+        with pytest.raises(protocol.ProtocolError):
+            cache.map(unsealed)
+        os.close(unsealed)
+    finally:
+        for d in (fd, dup, other):
+            os.close(d)
+
+
+def test_shim_options_are_reused_only_for_equal_options() -> None:
+    from enclave_actors.remote import _freeze, _shim_with
+
+    a = {"label_selector": {"ray.io/node-id": "in(a,b)"}, "max_retries": 0}
+    assert _shim_with(a) is _shim_with({"label_selector": {"ray.io/node-id": "in(a,b)"}, "max_retries": 0})
+    assert _shim_with(a) is not _shim_with({**a, "max_retries": 1})
+    assert _freeze({"k": [1]}) != _freeze({"k": (1,)}) != _freeze({"k": {1: None}})
 
 
 def test_protocol_limits() -> None:
