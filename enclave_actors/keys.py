@@ -227,8 +227,10 @@ class KBSKeyReleaser:
         *,
         scope: str,
         domains: tuple[str, ...] | None = None,
+        headers: tuple[bytes, ...] | None = None,
     ) -> Any:
-        """Challenge, evidence bound to this executor key, cluster and bundle, then a token of ``scope``."""
+        """Challenge, evidence bound to this executor key, cluster and bundle, then a token of ``scope``
+        (with ``headers``: the token and the DEKs of those sealed headers, in the same Attest call)."""
         facts = self._facts
 
         def attest(client: Any) -> Any:
@@ -240,11 +242,13 @@ class KBSKeyReleaser:
                 evidence = self._evidence(binding)
             except AttestationError as exc:
                 raise KeyReleaseDenied(f"attestation failed: {exc}") from None
+            common = {"profile": facts.profile, "executor_key": executor_key, "cluster_id": facts.cluster_id,
+                      "bundle_digest": bundle_digest, "node_id": facts.node_id, "pool": facts.pool or UNSET,
+                      "region": facts.region or UNSET}  # fmt: skip
+            if headers is not None:
+                return client.attest_and_unwrap(challenge, evidence, headers, domains=domains or (), **common)
             extra = {} if domains is None else {"domains": domains}
-            return client.attest(challenge, evidence, profile=facts.profile, executor_key=executor_key,
-                                 cluster_id=facts.cluster_id, bundle_digest=bundle_digest, scope=scope,
-                                 node_id=facts.node_id, pool=facts.pool or UNSET, region=facts.region or UNSET,
-                                 **extra)  # fmt: skip
+            return client.attest(challenge, evidence, scope=scope, **common, **extra)
 
         return self._run(attest)
 
@@ -268,6 +272,35 @@ class KBSKeyReleaser:
             ) from None
         return Grant(token_id=token.jti, bundle_digest=bundle_digest, expires_at=float(token.expires_at),
                      domains=domains, token=token)  # fmt: skip
+
+    def grant_with_keys(
+        self,
+        *,
+        bundle_digest: bytes,
+        domains: tuple[str, ...],
+        headers: tuple[Any, ...],
+        executor_key: hpke.PrivateKeyHandle,
+        now: float,
+    ) -> tuple[Grant, list[bytes]]:
+        """:meth:`grant` and the DEKs of up to 16 sealed ``headers`` in one broker call (the broker
+        runs and audits every unwrap check per object; ``KBSClient.attest_and_unwrap``).
+
+        Raises:
+            KeyReleaseDenied: the broker refused the token or any of the keys (the executor then asks
+                again step by step, so that the refusal it reports names the step).
+        """
+        from ray_confidential.kbs.client import BrokerRefusedError
+
+        raw = tuple(h.header_bytes for h in headers)
+        try:
+            token, deks = self._attest(
+                executor_key, bundle_digest, scope="release", domains=domains, headers=raw
+            )
+        except BrokerRefusedError as exc:
+            raise KeyReleaseDenied(f"the key broker refused a token with keys ({exc.code})") from None
+        grant = Grant(token_id=token.jti, bundle_digest=bundle_digest, expires_at=float(token.expires_at),
+                      domains=domains, token=token)  # fmt: skip
+        return grant, [bytes(d) for d in deks]
 
     def routing(self, *, executor_key: hpke.PrivateKeyHandle, now: float) -> float:
         """Attest for a routing-scope token (trust registry admission, docs/placement.md); its expiry.

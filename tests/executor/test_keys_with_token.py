@@ -1,0 +1,92 @@
+"""A fresh call's token and data keys come from one broker call (attest with unwrap), and a refusal
+is asked again step by step so that the error names the step (the executor core, in-process, over
+the real development broker)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from enclave_actors.daemon import Executor
+from enclave_actors.keys import KBSKeyReleaser, LaunchData, NodeFacts
+from ray_confidential.bundle import from_callable
+from ray_confidential.domains import DomainPolicy
+from ray_confidential.errors import KeyReleaseDenied
+from ray_confidential.kbs.embedded import EmbeddedBroker
+from ray_confidential.sealed.format import SealedHeader, open_with_dek
+from ray_confidential.testing.simulated import DevRootOfTrust, SimulatedTEE
+from tests.executor import conf_funcs
+from tests.executor.conftest import make_service
+
+TOTAL = from_callable(conf_funcs.total)
+
+
+class Counting:
+    """Counts the broker calls an executor makes through its releaser."""
+
+    def __init__(self, releaser: KBSKeyReleaser) -> None:
+        self.calls: list[str] = []
+        for name in ("grant", "grant_with_keys", "unwrap"):
+            original = getattr(releaser, name)
+
+            def counted(*args: Any, _name: str = name, _fn: Any = original, **kwargs: Any) -> Any:
+                self.calls.append(_name)
+                return _fn(*args, **kwargs)
+
+            setattr(releaser, name, counted)
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> Iterator[tuple[Executor, Counting, Any]]:
+    service = make_service(tmp_path / "state")
+    broker = EmbeddedBroker.start(tmp_path / "state")
+    launch = LaunchData.from_file(broker.launch_path)
+    facts = NodeFacts(tee="sev-snp", node_id="ab" * 28, cluster_id=launch.cluster_id, pool="p", region="r")
+    tee = SimulatedTEE("sev-snp", root=DevRootOfTrust.for_process())
+    releaser = KBSKeyReleaser(launch.connect, facts=facts, evidence=tee.evidence)
+    counting = Counting(releaser)
+    try:
+        yield Executor(releaser, facts), counting, service
+    finally:
+        releaser.close()
+        broker.stop()
+
+
+def _sealed(service: Any, domain: str, value: Any) -> bytes:
+    from ray_confidential.sealed.format import DomainPublicKey, seal
+
+    d = service.descriptor(domain)
+    return bytes(seal(value, DomainPublicKey(domain=domain, version=d.version, public_key=d.public_key)))
+
+
+def test_a_fresh_call_gets_its_token_and_keys_in_one_broker_call(core: Any) -> None:
+    executor, counting, service = core
+    objects = [_sealed(service, "exec-a", np.arange(float(n))) for n in (3, 4)]
+    headers = [SealedHeader.parse(o) for o in objects]
+    _, deks = executor._keys(TOTAL.digest, ("exec-a",), headers)
+    assert counting.calls == ["grant_with_keys"]
+    assert [open_with_dek(o, k, allow_pickle=False).sum() for o, k in zip(objects, deks, strict=True)] == [
+        3.0,
+        6.0,
+    ]
+    assert executor.stats["grants"] == 1 and executor.stats["unwraps"] == 2
+    # Token cached: a new object costs one unwrap; a known one nothing.
+    third = _sealed(service, "exec-a", np.ones(2))
+    _, more = executor._keys(TOTAL.digest, ("exec-a",), [headers[0], SealedHeader.parse(third)])
+    assert counting.calls == ["grant_with_keys", "unwrap"] and more[0] == deks[0]
+
+
+def test_a_refusal_is_asked_again_step_by_step(core: Any) -> None:
+    executor, counting, service = core
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        service.create_domain("other-bundle", DomainPolicy(bundles=("11" * 32,)))
+    header = SealedHeader.parse(_sealed(service, "other-bundle", np.ones(1)))
+    with pytest.raises(KeyReleaseDenied, match="refused a token for this call"):
+        executor._keys(TOTAL.digest, ("other-bundle",), [header])
+    assert counting.calls == ["grant_with_keys", "grant"] and executor.stats["unwraps"] == 0
