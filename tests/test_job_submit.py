@@ -147,7 +147,8 @@ def test_quickstart_job_keeps_plaintext_and_owner_secrets_out_of_ray(head: dict[
 
     # runtime_env and job info, through the job API
     jobs = json.dumps(
-        [job.model_dump() if hasattr(job, "model_dump") else vars(job) for job in client.list_jobs()], default=str
+        [job.model_dump() if hasattr(job, "model_dump") else vars(job) for job in client.list_jobs()],
+        default=str,
     )
     assert "rc-quickstart" in jobs and "runtime_env" in jobs
     for needle in needles:
