@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,3 +27,12 @@ def spill_config(spill_dir: Path) -> dict[str, Any]:
 
 def marked_table(marker: str, rows: int = 50_000) -> pa.Table:
     return pa.table({"name": [f"{marker}-{i}" for i in range(rows)], "x": np.arange(rows)})
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (signal 0)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -40,6 +40,7 @@ from ray_confidential.testing.tee_node import stop_executors
 from scheduler.calls import CLUSTER_ID_ENV, STATEMENT_KEY_ENV, session_placer
 from scheduler.labels import POOL_LABEL, REGION_LABEL, TEE_LABEL
 from scheduler.registry_actor import REGISTRY_ACTOR_NAME, REGISTRY_NAMESPACE
+from tests.ray_helpers import process_alive
 from tests.scheduler import e2e_funcs as f
 
 pytestmark = pytest.mark.ray
@@ -235,16 +236,12 @@ def test_expiry_a_node_cut_off_from_the_broker_leaves_and_its_actors_stop(env: d
     env["proxy"].cut()  # X can no longer renew its routing token, nor poll revocations
     _wait(lambda: ids["X"] not in _registered(env), "X still registered after its token expired",
           timeout=TOKEN_TTL_S + 15)  # fmt: skip
-    _wait(lambda: not _alive(where["pid"]), "X's enclave actor still runs after X failed closed", timeout=20)
+    _wait(
+        lambda: not process_alive(where["pid"]),
+        "X's enclave actor still runs after X failed closed",
+        timeout=20,
+    )
     with pytest.raises(NoAttestedNodeError):
         f.where_eu.options(pools="snp-x").remote()
     survivor = ids["C" if env.get("killed") == "A" else "A"]
     assert _opened(env, f.where_eu.remote())["node_id"] == survivor  # new calls complete elsewhere
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

@@ -16,7 +16,6 @@ broker's audit log (grant records name the node), not only through routing.
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from ray_confidential.testing.simulated import default_measurement
 from ray_confidential.testing.tee_node import stop_executors
 from scheduler.calls import session_placer
 from scheduler.labels import POOL_LABEL, REGION_LABEL, TEE_LABEL
+from tests.ray_helpers import process_alive
 from tests.scheduler import e2e_funcs as f
 
 pytestmark = pytest.mark.ray
@@ -203,18 +203,10 @@ def test_y_revocation_removes_the_node_and_stops_its_actors(env: dict[str, Any])
     pid = rc.get(actor.where.remote())["pid"]
     broker.revoke("node", ids["B"], "test")
     deadline = time.monotonic() + 10
-    while ids["B"] in _registered() or _alive(pid):
+    while ids["B"] in _registered() or process_alive(pid):
         assert time.monotonic() < deadline, "revoked node still registered or its actor still running"
         time.sleep(0.1)
     with pytest.raises(NoAttestedNodeError, match="tee=tdx"):
         f.where_any.options(tee="tdx").remote()
     seen = {rc.get(f.where_any.remote())["node_id"] for _ in range(20)}
     assert seen and ids["B"] not in seen and seen <= {ids["A"], ids["C"], ids["M"]}  # completes elsewhere
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
