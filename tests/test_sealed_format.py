@@ -342,3 +342,60 @@ def test_format_doc_vector_matches_code() -> None:
     ]:
         match = re.search(rf"\| {name} \| `([0-9a-f]+)` \|", doc)
         assert match and match.group(1) == value.hex(), name
+
+
+def test_npy_decoder_refuses_what_a_hostile_sealer_could_send() -> None:
+    """Anyone holding the public key can seal, so the .npy decoder must refuse pickled (object)
+    arrays, lying sizes and malformed headers, every time (its header cache included)."""
+    import io
+
+    from ray_confidential.sealed.content import ContentType, decode
+
+    def npy(arr: np.ndarray, *, allow_pickle: bool = False) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=allow_pickle)
+        return buf.getvalue()
+
+    good = npy(np.arange(6.0).reshape(2, 3))
+    assert decode(ContentType.NUMPY, good, allow_pickle=False).tolist() == [[0, 1, 2], [3, 4, 5]]
+    hostile = npy(np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    for _ in range(2):  # the second time through the header cache
+        with pytest.raises(ValueError, match="object dtype"):
+            decode(ContentType.NUMPY, hostile, allow_pickle=False)
+    for bad, match in [
+        (good[:-8], "size does not match"),
+        (good + b"\0" * 8, "size does not match"),
+        (b"\x93NUMPX" + good[6:], "not a .npy"),
+        (good[:6] + b"\x09" + good[7:], "unsupported .npy version"),
+        (good[:8] + struct.pack("<H", 0xFFFF) + good[10:], "too long or truncated"),
+        (good[:8] + struct.pack("<H", 4) + good[10:], "malformed .npy header"),  # cut inside its dict
+    ]:
+        with pytest.raises(ValueError, match=match):
+            decode(ContentType.NUMPY, bad, allow_pickle=False)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_decoders_raise_only_value_error_on_mutated_plaintext(data: st.DataObject) -> None:
+    """Mutated payloads of every safe content type fail with ValueError only (the documented error),
+    never another exception type a caller would not expect."""
+    from ray_confidential.sealed.content import ContentType, decode, encode
+
+    value = data.draw(st.sampled_from([np.arange(5.0), {"a": [1, 2]}, pa.table({"x": [1, 2, 3]})]))
+    encoded = encode(value, allow_pickle=False)
+    payload = bytearray(b"".join(bytes(s) for s in encoded.segments))
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["flip", "cut", "extend"]))
+        if op == "flip" and payload:
+            payload[data.draw(st.integers(0, len(payload) - 1))] ^= data.draw(st.integers(1, 255))
+        elif op == "cut":
+            payload = payload[: data.draw(st.integers(0, len(payload)))]
+        else:
+            payload += data.draw(st.binary(min_size=1, max_size=16))
+    kind = data.draw(st.sampled_from([encoded.content_type, *ContentType]))
+    if kind is ContentType.PICKLE:
+        kind = encoded.content_type
+    try:
+        decode(kind, bytes(payload), allow_pickle=False)
+    except ValueError:
+        pass

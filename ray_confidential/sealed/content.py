@@ -12,6 +12,7 @@ only when the domain's policy opts in.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import pickle
@@ -155,19 +156,44 @@ def encode(value: Any, *, allow_pickle: bool) -> Encoded:
     )
 
 
-def _decode_npy(data: memoryview) -> np.ndarray:
-    head = io.BytesIO(bytes(data[: min(len(data), _NPY_MAX_HEADER)]))
-    version = np.lib.format.read_magic(head)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(head, max_header_size=_NPY_MAX_HEADER)
-    elif version in ((2, 0), (3, 0)):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(head, max_header_size=_NPY_MAX_HEADER)
+def _npy_header_length(data: memoryview) -> int:
+    """Bytes of magic, version, length field and header dict (the .npy format, versions 1-3)."""
+    if len(data) < 12 or bytes(data[:6]) != b"\x93NUMPY":
+        raise ValueError("not a .npy payload")
+    if data[6] == 1:
+        total = 10 + int.from_bytes(data[8:10], "little")
+    elif data[6] in (2, 3):
+        total = 12 + int.from_bytes(data[8:12], "little")
     else:
         raise ValueError("unsupported .npy version")
+    if total > min(len(data), _NPY_MAX_HEADER):
+        raise ValueError("npy header too long or truncated")
+    return total
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
+    """NumPy's own parse of one exact header (cached: results of one shape repeat the same bytes)."""
+    stream = io.BytesIO(head)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read(stream, max_header_size=_NPY_MAX_HEADER)
+    except Exception as exc:  # numpy's parser also raises tokenize / syntax errors on a cut header
+        raise ValueError(f"malformed .npy header ({type(exc).__name__})") from None
+    if stream.tell() != len(head):
+        raise ValueError("npy header length mismatch")
     if dtype.hasobject:
         raise ValueError("object dtype refused")
+    return tuple(shape), bool(fortran), dtype
+
+
+def _decode_npy(data: memoryview) -> np.ndarray:
+    offset = _npy_header_length(data)
+    shape, fortran, dtype = _npy_header(bytes(data[:offset]))
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    offset = head.tell()
     if len(data) - offset != count * dtype.itemsize:
         raise ValueError("npy payload size does not match its header")
     flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
@@ -189,7 +215,7 @@ def decode(content_type: ContentType | int, data: Any, *, allow_pickle: bool) ->
             batches = list(reader)
             for batch in batches:
                 batch.validate()
-        except pa.ArrowException as exc:
+        except (pa.ArrowException, OSError) as exc:  # pyarrow reports some malformed streams as OSError
             raise ValueError("malformed Arrow IPC payload") from exc
         if kind is ContentType.ARROW_TABLE:
             return pa.Table.from_batches(batches, schema=reader.schema)
@@ -209,8 +235,15 @@ def decode(content_type: ContentType | int, data: Any, *, allow_pickle: bool) ->
             raise ValueError("this object holds torch tensors; install the 'torch' extra to open it")
         from safetensors.torch import load
 
-        tensors = load(bytes(view))
-        return tensors["tensor"] if kind is ContentType.TORCH_TENSOR else tensors
+        try:
+            tensors = load(bytes(view))
+        except Exception as exc:  # SafetensorError is not a ValueError
+            raise ValueError(f"malformed safetensors payload ({type(exc).__name__})") from None
+        if kind is ContentType.TORCH_TENSOR:
+            if set(tensors) != {"tensor"}:
+                raise ValueError("a sealed tensor must hold exactly one tensor named 'tensor'")
+            return tensors["tensor"]
+        return tensors
     if kind is ContentType.PICKLE:
         if not allow_pickle:
             raise ValueError("pickle payload refused: the domain's policy does not opt into pickle")
