@@ -25,8 +25,9 @@ from scheduler.calls import CLUSTER_ID_ENV, STATEMENT_KEY_ENV
 from scheduler.labels import POOL_LABEL, REGION_LABEL, TEE_LABEL
 
 
-def _statements(verifier: Any) -> tuple[dict[str, dict[str, Any]], str | None]:
-    """node id -> admit body (newest), and an error text if the registry could not be read."""
+def _statements(verifier: Any) -> tuple[dict[str, dict[str, Any]], str | None, dict[str, Any] | None]:
+    """node id -> admit body (newest), an error text if the registry could not be read, and the broker
+    feed the registry follows (None: statements are submitted to it, e.g. by a development broker)."""
     import ray
 
     from scheduler.registry import SignedStatement, StatementRejected
@@ -35,8 +36,9 @@ def _statements(verifier: Any) -> tuple[dict[str, dict[str, Any]], str | None]:
     try:
         actor = ray.get_actor(REGISTRY_ACTOR_NAME, namespace=REGISTRY_NAMESPACE)
         raw: list[bytes] = ray.get(actor.statements.remote(), timeout=10)
+        following: dict[str, Any] | None = ray.get(actor.following.remote(), timeout=10)
     except Exception as exc:
-        return {}, f"trust registry unavailable: {type(exc).__name__}"
+        return {}, f"trust registry unavailable: {type(exc).__name__}", None
     out: dict[str, dict[str, Any]] = {}
     for data in raw:
         try:
@@ -54,7 +56,7 @@ def _statements(verifier: Any) -> tuple[dict[str, dict[str, Any]], str | None]:
         node = str(json.loads(st.payload).get("node_id"))
         if entry.get("exp", 0) and (node not in out or entry["seq"] > out[node]["seq"]):
             out[node] = entry
-    return out, None
+    return out, None, following
 
 
 def collect(verifier: Any, *, now: float | None = None) -> dict[str, Any]:
@@ -62,7 +64,7 @@ def collect(verifier: Any, *, now: float | None = None) -> dict[str, Any]:
     import ray
 
     t = time.time() if now is None else now
-    admits, error = _statements(verifier)
+    admits, error, following = _statements(verifier)
     nodes = []
     for n in ray.nodes():  # type: ignore[no-untyped-call]
         labels = n.get("Labels") or {}
@@ -87,7 +89,7 @@ def collect(verifier: Any, *, now: float | None = None) -> dict[str, Any]:
             key = f"{a['tee']}/{a['pool']}/{a['region']}"
             pools[key] = pools.get(key, 0) + 1
     return {"verified_with": None if verifier is None else verifier.fingerprint, "registry_error": error,
-            "nodes": nodes, "attested_by_pool": pools, "now": int(t)}  # fmt: skip
+            "registry_follows": following, "nodes": nodes, "attested_by_pool": pools, "now": int(t)}  # fmt: skip
 
 
 def render(doc: dict[str, Any]) -> str:
@@ -109,6 +111,10 @@ def render(doc: dict[str, Any]) -> str:
                      f"${STATEMENT_KEY_ENV}); the registry actor's word proves nothing")  # fmt: skip
     else:
         lines.append(f"registry statements verified with statement key {doc['verified_with'][:16]}")
+    feed = doc.get("registry_follows")
+    if feed:
+        lines.append(f"registry follows the statement feed of {feed['target']} ({feed['applied']} statements applied"
+                     + (f"; last error: {feed['last_error']})" if feed["last_error"] else ")"))  # fmt: skip
     if doc["attested_by_pool"]:
         lines.append(
             "attested nodes: " + ", ".join(f"{n} x {k}" for k, n in sorted(doc["attested_by_pool"].items()))

@@ -186,6 +186,11 @@ def test_the_registry_follows_the_broker_and_calls_land_on_attested_nodes(env: d
     actor = ray.get_actor(REGISTRY_ACTOR_NAME, namespace=REGISTRY_NAMESPACE)
     following = ray.get(actor.following.remote())
     assert following["target"] == env["broker"].target and following["applied"] >= 4
+    from scheduler.status_cli import collect, render
+
+    doc = collect(env["broker"].statement_verifier)
+    assert doc["registry_follows"]["target"] == env["broker"].target
+    assert f"registry follows the statement feed of {env['broker'].target}" in render(doc)
     assert ids["S"] not in _registered(env)
     with pytest.raises(KeyReleaseDenied, match="not an attested executor"):  # the driver cannot open
         rc.get(first)
