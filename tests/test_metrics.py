@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import ray_confidential.metrics as metrics
+from tests.ray_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def test_short_driver_metrics_reach_the_endpoint(tmp_path: Path) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    port = 18000 + os.getpid() % 1000
+    port = free_port()
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 1, "include_dashboard": False, "metrics_export_port": port},
@@ -148,7 +149,7 @@ def test_confidential_calls_reach_the_endpoint_from_the_shim(tmp_path: Path) -> 
     from ray_confidential.testing.tee_node import stop_executors
     from tests.executor import conf_funcs
 
-    port = 19000 + os.getpid() % 1000
+    port = free_port()
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 0, "include_dashboard": False, "metrics_export_port": port,
