@@ -200,6 +200,7 @@ class Broker:
         self.statement_listener: StatementListener | None = None
         """Told of routing tokens and revocations; issues trust-registry statements (docs/placement.md)."""
         self._appraisal_cache: dict[tuple[str, str], AppraisalPolicy] = {}
+        self._appraisal_by_record: dict[int, tuple[DomainRecord, AppraisalPolicy]] = {}
         if settings.production:
             for name in self.domains.names():
                 d = self.domains.get(name)
@@ -338,10 +339,18 @@ class Broker:
         return token, claims, keys
 
     def _appraisal(self, d: DomainRecord) -> AppraisalPolicy:
+        """The domain's appraisal policy, built once per content. Records are immutable, so the same
+        record object skips even the content hashes (two canonical-JSON SHA-256s per attestation)."""
+        hit = self._appraisal_by_record.get(id(d))
+        if hit is not None and hit[0] is d:
+            return hit[1]
         key = (d.name, d.appraisal_hash() + d.policy.policy_hash())
         cached = self._appraisal_cache.get(key)
         if cached is None:
             cached = self._appraisal_cache[key] = d.appraisal_policy()
+        if len(self._appraisal_by_record) >= 4096:
+            self._appraisal_by_record.clear()
+        self._appraisal_by_record[id(d)] = (d, cached)
         return cached
 
     def _check_release_policy(
