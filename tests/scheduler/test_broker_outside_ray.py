@@ -194,8 +194,15 @@ def test_the_registry_follows_the_broker_and_calls_land_on_attested_nodes(env: d
     assert ids["S"] not in _registered(env)
     with pytest.raises(KeyReleaseDenied, match="not an attested executor"):  # the driver cannot open
         rc.get(first)
-    seen = {_opened(env, f.where_eu.remote())["node_id"] for _ in range(15)}
-    assert seen <= {ids[k] for k in "ACDX"} and len(seen) >= 2
+    refs = [f.where_eu.remote() for _ in range(15)]  # Ray picks among the qualifying nodes
+    assert {_opened(env, r)["node_id"] for r in refs} <= {ids[k] for k in "ACDX"}
+    for node, pool in (
+        ("A", "snp-eu"),
+        ("C", "snp-az"),
+        ("D", "tdx-eu"),
+        ("X", "snp-x"),
+    ):  # each one schedulable
+        assert _opened(env, f.where_eu.options(pools=pool).remote())["node_id"] == ids[node]
     grants = [
         r for r in env["broker"].audit_records() if r["event"] == "unwrap" and r.get("decision") == "grant"
     ]
