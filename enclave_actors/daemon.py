@@ -35,6 +35,7 @@ sends: every field of a request is untrusted input.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -46,7 +47,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -340,9 +341,8 @@ class Executor:
         combined = getattr(self.releaser, "grant_with_keys", None)
         if combined is not None and self._cached_grant(digest, domains) is None:
             now = self.clock()
-            with self._lock:
-                missing = list({(h.object_id, h.header_hash): h for h in headers
-                                if not (c := self._deks.get((h.object_id, h.header_hash))) or c[1] <= now}.values())  # fmt: skip
+            missing = list({(h.object_id, h.header_hash): h for h in headers
+                            if self._cached_dek(h, now) is None}.values())  # fmt: skip
             if 0 < len(missing) <= MAX_KEYS_WITH_TOKEN:
                 try:
                     fresh, deks = self._with_broker(lambda: combined(
@@ -363,6 +363,23 @@ class Executor:
         if grant is not None and grant.expires_at - self.renew_margin > self.clock():
             return grant
         return None
+
+    def _cached_dek(self, header: SealedHeader, now: float) -> bytes | None:
+        with self._lock:
+            cached = self._deks.get((header.object_id, header.header_hash))
+        return bytes(cached[0]) if cached is not None and cached[1] > now else None
+
+    @contextlib.contextmanager
+    def _noting(self, kind: str) -> Iterator[None]:
+        """Count a refused (``denied``) or failed (``error``) broker step of ``kind`` for the report."""
+        try:
+            yield
+        except KeyReleaseDenied:
+            self._note(kind, "denied")
+            raise
+        except CallRefused:
+            self._note(kind, "error")
+            raise
 
     def _keep_grant(self, digest: bytes, domains: tuple[str, ...], fresh: Grant) -> None:
         self._note("attest", "ok")
@@ -385,36 +402,22 @@ class Executor:
         if grant is not None:
             self._report.attested_until = grant.expires_at
             return grant
-        try:
+        with self._noting("attest"):
             fresh: Grant = self._with_broker(
                 lambda: self.releaser.grant(
                     bundle_digest=digest, domains=domains, executor_key=self.key, now=self.clock()
                 )
             )
-        except KeyReleaseDenied:
-            self._note("attest", "denied")
-            raise
-        except CallRefused:
-            self._note("attest", "error")
-            raise
         self._keep_grant(digest, domains, fresh)
         return fresh
 
     def _dek(self, grant: Grant, header: SealedHeader) -> bytes:
-        key = (header.object_id, header.header_hash)
         now = self.clock()
-        with self._lock:
-            cached = self._deks.get(key)
-            if cached is not None and cached[1] > now:
-                return bytes(cached[0])
-        try:
+        cached = self._cached_dek(header, now)
+        if cached is not None:
+            return cached
+        with self._noting("unwrap"):
             dek = self._with_broker(lambda: self.releaser.unwrap(grant, header, self.key, now=now))
-        except KeyReleaseDenied:
-            self._note("unwrap", "denied")
-            raise
-        except CallRefused:
-            self._note("unwrap", "error")
-            raise
         self._keep_dek(grant, header, dek, now)
         return bytes(dek)
 

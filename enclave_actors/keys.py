@@ -117,6 +117,12 @@ class KeyReleaser(Protocol):
     def revocation_epoch(self) -> int: ...
 
 
+def _grant_of(token: Any, bundle_digest: bytes, domains: tuple[str, ...]) -> Grant:
+    """The executor's record of a release token the broker issued (``KBSClient`` token)."""
+    return Grant(token_id=token.jti, bundle_digest=bundle_digest, expires_at=float(token.expires_at),
+                 domains=domains, token=token)  # fmt: skip
+
+
 def bundle_approved(policy: DomainPolicy | None, bundle_digest: bytes) -> bool:
     """True when ``policy.bundles`` lists the digest (hex) or ``"*"`` (development only); True for
     ``None`` (policy not visible here: the broker checks it before releasing any key)."""
@@ -270,8 +276,7 @@ class KBSKeyReleaser:
                 f"policy of {list(domains)} does not admit this code bundle, TEE, pool or region, or this "
                 "node is revoked; the broker's audit log has the reason"
             ) from None
-        return Grant(token_id=token.jti, bundle_digest=bundle_digest, expires_at=float(token.expires_at),
-                     domains=domains, token=token)  # fmt: skip
+        return _grant_of(token, bundle_digest, domains)
 
     def grant_with_keys(
         self,
@@ -298,9 +303,7 @@ class KBSKeyReleaser:
             )
         except BrokerRefusedError as exc:
             raise KeyReleaseDenied(f"the key broker refused a token with keys ({exc.code})") from None
-        grant = Grant(token_id=token.jti, bundle_digest=bundle_digest, expires_at=float(token.expires_at),
-                      domains=domains, token=token)  # fmt: skip
-        return grant, [bytes(d) for d in deks]
+        return _grant_of(token, bundle_digest, domains), [bytes(d) for d in deks]
 
     def routing(self, *, executor_key: hpke.PrivateKeyHandle, now: float) -> float:
         """Attest for a routing-scope token (trust registry admission, docs/placement.md); its expiry.
