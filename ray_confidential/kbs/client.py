@@ -121,6 +121,30 @@ def _policy_json(policy: DomainPolicy | Mapping[str, Any]) -> str:
     return json.dumps(policy.to_dict() if isinstance(policy, DomainPolicy) else dict(policy), sort_keys=True)
 
 
+def open_channel(
+    target: str, *, ca_cert: bytes | None, client_cert: bytes | None = None, client_key: bytes | None = None
+) -> grpc.Channel:
+    """A gRPC channel to the broker: TLS pinned to ``ca_cert``, or plaintext only to a loopback
+    development broker (``ca_cert=None``).
+
+    Raises:
+        ValueError: plaintext to a non-loopback target, or a client certificate without TLS.
+    """
+    host, _ = split_address(target)
+    if ca_cert is None:
+        if not is_loopback(host):
+            raise ValueError(
+                f"ca_cert=None (plaintext) is only for the development broker on 127.0.0.1; pin the "
+                f"CA of {target!r} with ca_cert=open('kbs-ca.pem','rb').read()"
+            )
+        if client_cert is not None:
+            raise ValueError("client certificates need TLS: pass ca_cert")
+        return grpc.insecure_channel(target)
+    creds = grpc.ssl_channel_credentials(root_certificates=ca_cert, private_key=client_key,
+                                         certificate_chain=client_cert)  # fmt: skip
+    return grpc.secure_channel(target, creds)
+
+
 class KBSClient:
     """Client of one key broker.
 
@@ -148,21 +172,8 @@ class KBSClient:
         timeout: float = 5.0,
         retries: int = 3,
     ) -> None:
-        host, _ = split_address(target)
         self._release_key = _load_release_key(release_public_key)
-        if ca_cert is None:
-            if not is_loopback(host):
-                raise ValueError(
-                    f"ca_cert=None (plaintext) is only for the development broker on 127.0.0.1; pin the "
-                    f"CA of {target!r} with ca_cert=open('kbs-ca.pem','rb').read()"
-                )
-            if client_cert is not None:
-                raise ValueError("client certificates need TLS: pass ca_cert")
-            self._channel = grpc.insecure_channel(target)
-        else:
-            creds = grpc.ssl_channel_credentials(root_certificates=ca_cert, private_key=client_key,
-                                                 certificate_chain=client_cert)  # fmt: skip
-            self._channel = grpc.secure_channel(target, creds)
+        self._channel = open_channel(target, ca_cert=ca_cert, client_cert=client_cert, client_key=client_key)
         self._stub = kbs_pb2_grpc.KeyBrokerStub(self._channel)  # type: ignore[no-untyped-call]
         self.target, self.timeout, self.retries = target, timeout, max(0, retries)
 

@@ -172,25 +172,14 @@ class StatementFollower:
         submit: Callable[[bytes], None],
         wait_s: float = 10.0,
     ) -> None:
-        import grpc
-
+        from ray_confidential.kbs.client import open_channel
         from ray_confidential.kbs.proto import kbs_pb2_grpc
-        from ray_confidential.kbs.server import is_loopback, split_address
 
-        if ca_cert is None and not is_loopback(split_address(target)[0]):
-            raise ValueError(
-                f"ca_cert=None (plaintext) is only for a development broker on loopback, not {target!r}"
-            )
         self.target, self.registry_id, self.wait_s = target, registry_id, min(wait_s, MAX_WAIT_S)
         self.ca_cert = ca_cert
         self._submit = submit
-        channel = (
-            grpc.insecure_channel(target)
-            if ca_cert is None
-            else grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca_cert))
-        )
-        self._channel = channel
-        self._stub = kbs_pb2_grpc.KeyBrokerStub(channel)  # type: ignore[no-untyped-call]
+        self._channel = open_channel(target, ca_cert=ca_cert)
+        self._stub = kbs_pb2_grpc.KeyBrokerStub(self._channel)  # type: ignore[no-untyped-call]
         self._feed_id, self._cursor = "", 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
