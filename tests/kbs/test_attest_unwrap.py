@@ -15,11 +15,6 @@ from ray_confidential.sealed.format import DomainPublicKey, open_with_dek, seal
 from tests.kbs.broker_env import BUNDLE, CLUSTER, PKI, PROFILE, Executor, Harness, pinned_policy
 
 
-@pytest.fixture(scope="module")
-def pki() -> PKI:
-    return PKI.create()
-
-
 @pytest.fixture
 def h(pki: PKI) -> Iterator[Harness]:
     harness = Harness(pki=pki)

@@ -24,11 +24,6 @@ from ray_confidential.sealed.format import DomainPublicKey, seal
 from tests.kbs.broker_env import PKI, Executor, Harness, pinned_policy
 
 
-@pytest.fixture(scope="module")
-def pki() -> PKI:
-    return PKI.create()
-
-
 @pytest.fixture
 def h(pki: PKI) -> Iterator[Harness]:
     harness = Harness(pki=pki, secrets={("hospital", "db-password"): b"s3cret"})

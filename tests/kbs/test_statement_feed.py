@@ -83,11 +83,6 @@ def served(pki: PKI) -> Iterator[tuple[Harness, StatementFeed, KBSServer, ec.Ell
     h.close()
 
 
-@pytest.fixture(scope="module")
-def pki() -> PKI:
-    return PKI.create()
-
-
 def _follower(
     server: KBSServer, pki: PKI, registry: TrustRegistry, cluster: str = CLUSTER
 ) -> StatementFollower:
