@@ -29,7 +29,7 @@ from ray_confidential.kbs.broker import Broker, BrokerSettings, check_production
 from ray_confidential.kbs.domains import DomainRecord
 from ray_confidential.kbs.ratelimit import RateLimiter
 from ray_confidential.kbs.server import DEFAULT_WORKERS, KBSServer, TLSFiles
-from ray_confidential.kbs.statement_feed import ClusterStatementIssuer, StatementFeed
+from ray_confidential.kbs.statement_feed import ClusterStatementIssuer, StatementFeed, fan_out
 from ray_confidential.kbs.store import KeyStore
 from ray_confidential.kbs.tokens import new_signing_key
 
@@ -338,7 +338,11 @@ def open_audit(config: BrokerConfig) -> Any:
 
 
 def build(
-    config: BrokerConfig, *, audit: Any = None, store: KeyStore | None = None
+    config: BrokerConfig,
+    *,
+    audit: Any = None,
+    store: KeyStore | None = None,
+    also_deliver: Callable[[Any], None] | None = None,
 ) -> tuple[KBSServer, Broker]:
     """Open the store and audit log, create the configured domains, and make the (unstarted) server."""
     import time
@@ -354,8 +358,9 @@ def build(
     feed = None
     if config.statement_key is not None:
         feed = StatementFeed()
+        deliver = feed.publish if also_deliver is None else fan_out(feed.publish, also_deliver)
         broker.statement_listener = ClusterStatementIssuer(
-            config.statement_key, config.settings.cluster_ids or (), feed.publish
+            config.statement_key, config.settings.cluster_ids or (), deliver
         )
     limiter = None
     if config.rate_limit is not None:

@@ -62,11 +62,9 @@ from ray_confidential.kbs.broker import Broker
 from ray_confidential.kbs.config import DEV_OWNER, BrokerConfig, build, launch_data
 from ray_confidential.kbs.domains import DomainError, DomainRecord, DomainRegistry, KeyVersion
 from ray_confidential.kbs.server import KBSServer
-from ray_confidential.kbs.statement_feed import fan_out
 from ray_confidential.kbs.store import MemoryStore
 from ray_confidential.keyservice import DevKeyService
 from scheduler.registry import RegistryVerifier, SignedStatement, StatementRejected, StatementSigner
-from scheduler.statements import StatementIssuer
 
 log = logging.getLogger("ray_confidential.kbs")
 
@@ -249,22 +247,21 @@ class EmbeddedBroker:
     """A running development broker over a DevKeyService state directory. Build with :meth:`start`."""
 
     def __init__(self, *, config: BrokerConfig, broker: Broker, server: KBSServer, port: int,
-                 folder: Path, cluster_id: str, registry: DevKeyRegistry) -> None:  # fmt: skip
+                 folder: Path, cluster_id: str, registry: DevKeyRegistry, relay: RegistryRelay) -> None:  # fmt: skip
         self.config, self.broker, self.server, self.port = config, broker, server, port
         self.folder, self.cluster_id, self.registry = folder, cluster_id, registry
         self.launch_path = folder / "launch-data.json"
         self.audit_path = config.audit_path
         self._paused = False
         assert config.statement_key is not None and server.feed is not None
-        self.statement_signer = StatementSigner(config.statement_key, registry_id=cluster_id)
-        self.statement_verifier: RegistryVerifier = self.statement_signer.verifier()
+        self.statement_verifier: RegistryVerifier = StatementSigner(
+            config.statement_key, registry_id=cluster_id
+        ).verifier()
         """The pinned statement key (``rc.init`` puts it in the driver's session)."""
-        self.relay = RegistryRelay()
+        self.relay = relay
+        """Submits the broker's statements to the registry actor once attached (the feed serves them too)."""
         self.feed = server.feed
         """The same statements for a registry that follows this broker (``GetStatements``)."""
-        broker.statement_listener = StatementIssuer(
-            self.statement_signer, fan_out(self.relay.deliver, self.feed.publish)
-        )
 
     @classmethod
     def start(
@@ -291,17 +288,19 @@ class EmbeddedBroker:
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the development banner: rc.init already warns loudly
-            server, broker = build(config)
+            relay = RegistryRelay()
+            server, broker = build(config, also_deliver=relay.deliver)
         registry = DevKeyRegistry(state_dir if state_dir is not None else DevKeyService().state_dir)
         broker.domains = registry
         try:
             port = server.start()
         except BaseException:
+            relay.close()
             broker.close()
             shutil.rmtree(folder, ignore_errors=True)
             raise
         self = cls(config=config, broker=broker, server=server, port=port, folder=folder,
-                   cluster_id=cluster_id, registry=registry)  # fmt: skip
+                   cluster_id=cluster_id, registry=registry, relay=relay)  # fmt: skip
         _write_private(self.launch_path, json.dumps(self.launch_data()).encode())
         log.warning("ray_confidential: DEVELOPMENT key broker on %s (simulated TEE roots, env=dev tokens, "
                     "domains of %s)", self.target, registry.service.state_dir)  # fmt: skip
