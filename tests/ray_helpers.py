@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +47,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], object], what: str, timeout: float = 60.0) -> None:
+    """Poll ``predicate`` until it is true; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def registered_node_ids() -> set[str]:
+    """The session's own verified registry view, refreshed now (what the next placement uses).
+
+    A driver reuses its view for ``max_staleness_s`` (docs/placement.md): tests that revoke or
+    admit a node wait on this view instead of sleeping.
+    """
+    from ray_confidential.api import _session_or_die
+    from scheduler.calls import session_placer
+
+    placer = session_placer(_session_or_die())
+    placer.on_miss()  # type: ignore[misc]
+    return {e.node_id for e in placer.source(time.time())}

@@ -18,7 +18,6 @@ import os
 import socket
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ import ray
 from ray.cluster_utils import Cluster
 
 import ray_confidential as rc
-from ray_confidential.api import _session_or_die
 from ray_confidential.errors import KeyReleaseDenied, NoAttestedNodeError
 from ray_confidential.kbs.config import public_pem
 from ray_confidential.kbs.directory import KBS_ENV
@@ -37,10 +35,11 @@ from ray_confidential.keyservice import DevKeyService
 from ray_confidential.sealed import open_sealed
 from ray_confidential.testing import add_tee_node
 from ray_confidential.testing.tee_node import stop_executors
-from scheduler.calls import CLUSTER_ID_ENV, STATEMENT_KEY_ENV, session_placer
+from scheduler.calls import CLUSTER_ID_ENV, STATEMENT_KEY_ENV
 from scheduler.labels import POOL_LABEL, REGION_LABEL, TEE_LABEL
 from scheduler.registry_actor import REGISTRY_ACTOR_NAME, REGISTRY_NAMESPACE
-from tests.ray_helpers import process_alive
+from tests.ray_helpers import process_alive, wait_for
+from tests.ray_helpers import registered_node_ids as _registered
 from tests.scheduler import e2e_funcs as f
 
 pytestmark = pytest.mark.ray
@@ -159,20 +158,6 @@ def env() -> Iterator[dict[str, Any]]:
                 os.environ[k] = v
 
 
-def _registered(env: dict[str, Any]) -> set[str]:
-    """The session's own verified view, refreshed now (what the next placement will use)."""
-    placer = session_placer(_session_or_die())
-    placer.on_miss()  # type: ignore[misc]
-    return {e.node_id for e in placer.source(time.time())}
-
-
-def _wait(predicate: Any, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
-
-
 def _opened(env: dict[str, Any], ref: Any) -> Any:
     """The owner, off-cluster: exported sealed bytes opened with the domain keys."""
     return open_sealed(rc.export(ref), env["owner"])
@@ -182,7 +167,7 @@ def test_the_registry_follows_the_broker_and_calls_land_on_attested_nodes(env: d
     ids = env["id"]
     # The first placement creates the registry actor, told to follow the broker's feed.
     first = f.where_eu.remote()
-    _wait(lambda: {ids[k] for k in "ACDX"} <= _registered(env), "nodes not admitted through the feed")
+    wait_for(lambda: {ids[k] for k in "ACDX"} <= _registered(), "nodes not admitted through the feed")
     actor = ray.get_actor(REGISTRY_ACTOR_NAME, namespace=REGISTRY_NAMESPACE)
     following = ray.get(actor.following.remote())
     assert following["target"] == env["broker"].target and following["applied"] >= 4
@@ -191,7 +176,7 @@ def test_the_registry_follows_the_broker_and_calls_land_on_attested_nodes(env: d
     doc = collect(env["broker"].statement_verifier)
     assert doc["registry_follows"]["target"] == env["broker"].target
     assert f"registry follows the statement feed of {env['broker'].target}" in render(doc)
-    assert ids["S"] not in _registered(env)
+    assert ids["S"] not in _registered()
     with pytest.raises(KeyReleaseDenied, match="not an attested executor"):  # the driver cannot open
         rc.get(first)
     refs = [f.where_eu.remote() for _ in range(15)]  # Ray picks among the qualifying nodes
@@ -218,7 +203,7 @@ def test_a_node_killed_mid_call_the_retry_lands_on_the_other_qualifying_node(
     os.chmod(marks, 0o777)
     qualifying = {ids["A"], ids["C"]}
     ref = f.mark_and_wait.options(pools=["snp-eu", "snp-az"], max_retries=1).remote(str(marks), 60.0)
-    _wait(lambda: any(p.name[:56] in qualifying for p in marks.iterdir()), "the call never started")
+    wait_for(lambda: any(p.name[:56] in qualifying for p in marks.iterdir()), "the call never started")
     (first,) = {p.name[:56] for p in marks.iterdir()}
     killed = next(k for k in "AC" if ids[k] == first)
     c.remove_node(env["nodes"][killed])
@@ -231,24 +216,24 @@ def test_a_node_killed_mid_call_the_retry_lands_on_the_other_qualifying_node(
 
 def test_revocation_reaches_the_registry_through_the_feed(env: dict[str, Any]) -> None:
     ids = env["id"]
-    _wait(lambda: ids["D"] in _registered(env), "D not admitted")
+    wait_for(lambda: ids["D"] in _registered(), "D not admitted")
     assert _opened(env, f.where_eu.options(tee="tdx").remote())["node_id"] == ids["D"]
     env["broker"].revoke("node", ids["D"], "test")
-    _wait(lambda: ids["D"] not in _registered(env), "revoked node still registered", timeout=15)
+    wait_for(lambda: ids["D"] not in _registered(), "revoked node still registered", timeout=15)
     with pytest.raises(NoAttestedNodeError, match="tee=tdx"):
         f.where_eu.options(tee="tdx").remote()
 
 
 def test_expiry_a_node_cut_off_from_the_broker_leaves_and_its_actors_stop(env: dict[str, Any]) -> None:
     ids = env["id"]
-    _wait(lambda: ids["X"] in _registered(env), "X not admitted")
+    wait_for(lambda: ids["X"] in _registered(), "X not admitted")
     actor = f.Where.options(pools="snp-x").remote()
     where = _opened(env, actor.where.remote())
     assert where["node_id"] == ids["X"]
     env["proxy"].cut()  # X can no longer renew its routing token, nor poll revocations
-    _wait(lambda: ids["X"] not in _registered(env), "X still registered after its token expired",
+    wait_for(lambda: ids["X"] not in _registered(), "X still registered after its token expired",
           timeout=TOKEN_TTL_S + 15)  # fmt: skip
-    _wait(
+    wait_for(
         lambda: not process_alive(where["pid"]),
         "X's enclave actor still runs after X failed closed",
         timeout=20,

@@ -27,33 +27,23 @@ from ray.cluster_utils import Cluster
 
 import ray_confidential as rc
 from enclave_actors.remote import _shim_task, encode_call
-from ray_confidential.api import _session_or_die
 from ray_confidential.domains import DomainPolicy
 from ray_confidential.errors import KeyReleaseDenied, NoAttestedNodeError
 from ray_confidential.kbs import embedded
 from ray_confidential.testing import add_tee_node
 from ray_confidential.testing.simulated import default_measurement
 from ray_confidential.testing.tee_node import stop_executors
-from scheduler.calls import session_placer
 from scheduler.labels import POOL_LABEL, REGION_LABEL, TEE_LABEL
-from tests.ray_helpers import process_alive
+from tests.ray_helpers import process_alive, wait_for
+from tests.ray_helpers import registered_node_ids as _registered
 from tests.scheduler import e2e_funcs as f
 
 pytestmark = pytest.mark.ray
 NODE = {"num_cpus": 1, "object_store_memory": 80 << 20}
 
 
-def _registered() -> set[str]:
-    placer = session_placer(_session_or_die())
-    placer.on_miss()  # type: ignore[misc]
-    return {e.node_id for e in placer.source(time.time())}
-
-
 def _wait_admitted(node_ids: set[str], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not node_ids <= _registered():
-        assert time.monotonic() < deadline, f"not admitted: {node_ids - _registered()}"
-        time.sleep(0.1)
+    wait_for(lambda: node_ids <= _registered(), f"not admitted: {node_ids}", timeout)
 
 
 @pytest.fixture(scope="module")
@@ -202,10 +192,8 @@ def test_y_revocation_removes_the_node_and_stops_its_actors(env: dict[str, Any])
     actor = f.Where.options(tee="tdx").remote()
     pid = rc.get(actor.where.remote())["pid"]
     broker.revoke("node", ids["B"], "test")
-    deadline = time.monotonic() + 10
-    while ids["B"] in _registered() or process_alive(pid):
-        assert time.monotonic() < deadline, "revoked node still registered or its actor still running"
-        time.sleep(0.1)
+    wait_for(lambda: ids["B"] not in _registered() and not process_alive(pid),
+             "revoked node still registered or its actor still running", timeout=10)  # fmt: skip
     with pytest.raises(NoAttestedNodeError, match="tee=tdx"):
         f.where_any.options(tee="tdx").remote()
     seen = {rc.get(f.where_any.remote())["node_id"] for _ in range(20)}
