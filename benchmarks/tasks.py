@@ -118,7 +118,7 @@ def main() -> int:
             ("actor", lambda: conf_actor.add.remote(sx), lambda: plain_actor.add.remote(px)),
         ):
             c, p = _latency(lambda f=conf_call: rc.get(f()), lambda f=plain_call: ray.get(f()), n)
-            rounds = [(_throughput(conf_call, lambda refs: [rc.get(r) for r in refs], n),
+            rounds = [(_throughput(conf_call, rc.get, n),
                        _throughput(plain_call, ray.get, n)) for _ in range(3)]  # fmt: skip
             ct, pt = (statistics.median(x) for x in zip(*rounds, strict=True))
             res[kind] = {"confidential": c, "plain": p, "added_p50_ms": c["p50_ms"] - p["p50_ms"],

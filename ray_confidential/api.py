@@ -20,8 +20,9 @@ import os
 import pickle
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import ray
 
@@ -300,28 +301,30 @@ def seal_and_put(value: Any, descriptor: DomainDescriptor) -> SealedRef:
     )
 
 
-def _payload(ref: SealedRef | ray.ObjectRef[Any], timeout: float | None) -> Any:
+def _object_ref(ref: Any) -> ray.ObjectRef[Any]:
     if isinstance(ref, SealedRef):
         ref = ref.object_ref
     if not isinstance(ref, ray.ObjectRef):
         raise TypeError(f"expected a SealedRef (or an ObjectRef holding one), got {type(ref).__name__}")
-    value = ray.get(ref, timeout=timeout)
-    if isinstance(value, SealedRef):
-        return _payload(value, timeout)
-    if not isinstance(value, _SealedPayload):
-        raise TypeError("this ObjectRef does not hold a sealed object")
-    return value.data
+    return ref
 
 
-def get(ref: SealedRef | ray.ObjectRef[Any], *, timeout: float | None = None) -> Any:
-    """Fetch and open a sealed object where this process holds the right to open it.
+def _payloads(refs: Sequence[Any], timeout: float | None) -> list[Any]:
+    """The sealed bytes behind ``refs``: one ``ray.get`` for all of them (then one per nested ref)."""
+    values = ray.get([_object_ref(r) for r in refs], timeout=timeout)
+    out = []
+    for value in values:
+        if isinstance(value, SealedRef):
+            value = _payloads([value], timeout)[0]
+        elif isinstance(value, _SealedPayload):
+            value = value.data
+        else:
+            raise TypeError("this ObjectRef does not hold a sealed object")
+        out.append(value)
+    return out
 
-    Raises:
-        KeyReleaseDenied: this driver holds no key for the domain (open the export off-cluster).
-        DecryptionError: the object was tampered with or its key version is retired.
-    """
-    session = _session_or_die()
-    payload = _payload(ref, timeout)
+
+def _open(session: _Session, payload: Any) -> Any:
     started = time.perf_counter()
     value = open_sealed(payload, session.key_service)
     metrics.observe("confidential_unseal_seconds", time.perf_counter() - started)
@@ -329,6 +332,24 @@ def get(ref: SealedRef | ray.ObjectRef[Any], *, timeout: float | None = None) ->
     return value
 
 
+@overload
+def get(ref: SealedRef | ray.ObjectRef[Any], *, timeout: float | None = None) -> Any: ...
+@overload
+def get(ref: list[SealedRef | ray.ObjectRef[Any]], *, timeout: float | None = None) -> list[Any]: ...
+def get(ref: Any, *, timeout: float | None = None) -> Any:
+    """Fetch and open a sealed object (or a list of them, fetched with one ``ray.get`` as Ray's own
+    ``ray.get(list)``) where this process holds the right to open it.
+
+    Raises:
+        KeyReleaseDenied: this driver holds no key for the domain (open the export off-cluster).
+        DecryptionError: the object was tampered with or its key version is retired.
+    """
+    session = _session_or_die()
+    if isinstance(ref, list):
+        return [_open(session, payload) for payload in _payloads(ref, timeout)]
+    return _open(session, _payloads([ref], timeout)[0])
+
+
 def export(ref: SealedRef | ray.ObjectRef[Any], *, timeout: float | None = None) -> bytes:
     """The sealed bytes of ``ref``, for the owner to open off-cluster (``ray-confidential open``)."""
-    return bytes(_payload(ref, timeout))
+    return bytes(_payloads([ref], timeout)[0])

@@ -89,6 +89,16 @@ def test_tasks_see_ciphertext_only_and_refs_nest(cluster: Path) -> None:
     assert rc.get(_forward.remote(ref)).num_rows == 50_000  # rc.get accepts an ObjectRef to a SealedRef
 
 
+def test_get_of_a_list_opens_each_in_order(cluster: Path) -> None:
+    """``rc.get([...])`` as ``ray.get([...])``: one fetch, each opened, in order; nested refs too."""
+    refs = [rc.put(np.arange(float(n)), domain="hospital") for n in range(1, 6)]
+    values = rc.get([refs[0], _forward.remote(refs[1]), *refs[2:]])
+    assert [v.tolist() for v in values] == [list(map(float, range(n))) for n in range(1, 6)]
+    assert rc.get([]) == []
+    with pytest.raises(TypeError, match="does not hold a sealed object"):
+        rc.get([refs[0], ray.put(b"plain")])
+
+
 def test_misuse_has_clear_errors(cluster: Path) -> None:
     with pytest.raises(ValueError, match="unknown domain 'nope'"):
         rc.put(b"x", domain="nope")
