@@ -142,20 +142,24 @@ def recv(sock: socket.socket) -> Message:
         version, header_len, frame_count = _PREFIX.unpack(prefix)
         if version != VERSION or header_len > MAX_HEADER or frame_count > MAX_FRAMES:
             raise ProtocolError("bad message prefix")
+        # Each read also takes the next frame's length: one recv per part instead of two.
+        part = _recv_exact(sock, header_len + (_U64.size if frame_count else 0))
         try:
-            header = json.loads(bytes(_recv_exact(sock, header_len)))
+            header = json.loads(bytes(part[:header_len]))
         except ValueError:
             raise ProtocolError("header is not JSON") from None
         if not isinstance(header, dict):
             raise ProtocolError("header is not a JSON object")
         frames: list[bytes] = []
         total = 0
-        for _ in range(frame_count):
-            (size,) = _U64.unpack(bytes(_recv_exact(sock, _U64.size)))
+        for i in range(frame_count):
+            (size,) = _U64.unpack_from(part, len(part) - _U64.size)
             total += size
             if size > MAX_FRAME or total > MAX_TOTAL_FRAMES:
                 raise ProtocolError("frame over the size limit")
-            frames.append(bytes(_recv_exact(sock, size)))
+            more = _U64.size if i + 1 < frame_count else 0
+            part = _recv_exact(sock, size + more)
+            frames.append(bytes(memoryview(part)[:size]) if more else bytes(part))
         if header.pop("fds", 0) != len(fds):
             raise ProtocolError("file descriptor count does not match the header")
         return Message(header, frames, fds)

@@ -409,6 +409,29 @@ def test_protocol_limits() -> None:
         protocol.recv(b)
     a.close()
     b.close()
+    import struct
+
+    def raw(header: bytes, frame_sizes: list[int], tail: bytes = b"") -> bytes:
+        return (
+            struct.pack(">BIH", 1, len(header), len(frame_sizes))
+            + header
+            + struct.pack(">Q", frame_sizes[0])
+            + tail
+        )
+
+    for message, error in (
+        (raw(b"{}", [protocol.MAX_FRAME + 1]), protocol.ProtocolError),  # refused before reading it
+        (raw(b"[1]", [1], b"x"), protocol.ProtocolError),  # not a JSON object
+        (raw(b"{", [1], b"x"), protocol.ProtocolError),  # not JSON
+        (raw(b"{}", [4, 1], b"abcd"), ConnectionError),  # the second frame's length never comes
+    ):
+        a, b = socket.socketpair()
+        a.sendall(message)
+        a.shutdown(socket.SHUT_WR)
+        with pytest.raises(error):
+            protocol.recv(b)
+        a.close()
+        b.close()
 
 
 def test_actor_lives_with_its_connection_and_keeps_to_its_domains(env: Env) -> None:
