@@ -97,10 +97,10 @@ class _EnclaveMethod:
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         """Call the method inside the executor; returns a ``SealedRef`` to the sealed result."""
-        from enclave_actors.remote import encode_call
+        from enclave_actors.remote import encode_call, seal_arguments_for
         from ray_confidential.api import SealedRef
 
-        spec, refs = encode_call(args, kwargs)
+        spec, refs = encode_call(*seal_arguments_for(self._handle.domain, args, kwargs))
         ref = self._handle.actor.call.remote(self._name, spec, *refs)
         return SealedRef(ref, domain=self._handle.domain, key_version=0, object_id="", size=0)
 
@@ -180,10 +180,10 @@ class EnclaveActorClass:
         """Create the actor: a Ray shim actor and, behind it, the instance inside the executor."""
         import ray
 
-        from enclave_actors.remote import encode_call
+        from enclave_actors.remote import encode_call, seal_arguments_for
         from scheduler.calls import call_options
 
-        spec, refs = encode_call(args, kwargs)
+        spec, refs = encode_call(*seal_arguments_for(self._domain, args, kwargs))
         spec.update(domain=self._domain, timeout_s=self._options.get("timeout_s"), class_name=self.__name__)
         opts = call_options(self._domain, self._options)
         opts.setdefault("max_restarts", 0)

@@ -508,6 +508,7 @@ class Executor:
         self, op: str, inputs: list[tuple[SealedHeader, Any, str, int]], infos: dict[str, DomainInfo],
         params: dict[str, Any], out: dict[str, Any], digest: bytes, domains: tuple[str, ...],
     ) -> tuple[dict[str, Any], list[Any], list[int]]:  # fmt: skip
+        _refuse_plain_params(infos, params)
         specs: list[dict[str, Any]] = []
         inline: list[Any] = []
         fds: list[int] = []
@@ -720,6 +721,19 @@ class Executor:
             if self._workers.get((domains, digest)) is worker:
                 del self._workers[(domains, digest)]
         worker.stop()
+
+
+def _refuse_plain_params(infos: dict[str, DomainInfo], params: Any) -> None:
+    """A domain whose signed descriptor sets ``seal_arguments`` admits sealed arguments only:
+    a plain JSON parameter (anything but ``["s", i]``) would have crossed Ray in the clear."""
+    strict = sorted(name for name, info in infos.items() if info.descriptor.seal_arguments)
+    if not strict or not isinstance(params, dict):
+        return
+    given = [*(params.get("args") or []), *(params.get("kwargs") or [])]
+    if any(not (isinstance(p, list) and len(p) == 2 and p[0] == "s") for p in given):
+        raise CallRefused("denied", f"the policy of domain(s) {strict} requires sealed arguments "
+                                    "(seal_arguments): plain parameters are refused; seal them with "
+                                    "rc.put, as rc.remote and rc.enclave_actor do for these domains")  # fmt: skip
 
 
 class ExecutorServer:

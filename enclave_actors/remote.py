@@ -20,7 +20,9 @@ Contract (docs/executor.md "Decorated calls"):
   shim task's ObjectRef, whose value is the sealed result); ``rc.get`` / ``rc.export`` accept it and
   also an ObjectRef holding one.
 * Arguments: ``SealedRef`` pass by reference (sealed inputs); any other argument must be a JSON value
-  (a plain parameter, at most :data:`MAX_PARAMS_BYTES` = 64 KiB in all, visible to Ray).
+  (a plain parameter, at most :data:`MAX_PARAMS_BYTES` = 64 KiB in all, visible to Ray), unless the
+  domain's policy sets ``seal_arguments``: then every other argument is sealed with ``rc.put`` first
+  (:func:`seal_arguments_for`) and the executor refuses plain parameters.
 * Placement (``scheduler.calls``): the decorator checks options statically (it may run at import
   time, before ``rc.init``); each ``.remote()`` computes a ``label_selector`` over the trust
   registry's attested nodes from the domain policy narrowed by ``tee`` / ``pools`` / ``regions`` /
@@ -113,7 +115,7 @@ class ConfidentialFunction:
         from ray_confidential.api import SealedRef
         from scheduler.calls import call_options, recipient
 
-        spec, refs = encode_call(args, kwargs)
+        spec, refs = encode_call(*seal_arguments_for(self._domain, args, kwargs))
         spec.update(domain=self._domain, timeout_s=self._options.get("timeout_s"),
                     recipient=recipient(self._options))  # fmt: skip
         opts = call_options(self._domain, self._options)
@@ -161,6 +163,22 @@ def _shim_with(opts: dict[str, Any]) -> Any:
             _SHIM_OPTIONS.clear()
         shim = _SHIM_OPTIONS[key] = _shim_remote().options(**opts)
     return shim
+
+
+def seal_arguments_for(
+    domain: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``args`` and ``kwargs`` with every value that is not a ``SealedRef`` sealed to ``domain``
+    (``rc.put``) when the domain's descriptor sets ``seal_arguments``; unchanged otherwise."""
+    from ray_confidential.api import SealedRef, _session_or_die, put
+
+    if not (args or kwargs) or not _session_or_die().key_service.descriptor(domain).seal_arguments:
+        return args, kwargs
+
+    def sealed(value: Any) -> Any:
+        return value if isinstance(value, SealedRef) else put(value, domain=domain)
+
+    return tuple(sealed(a) for a in args), {k: sealed(v) for k, v in kwargs.items()}
 
 
 def encode_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
@@ -229,4 +247,11 @@ def remote(
     return decorate
 
 
-__all__ = ["MAX_PARAMS_BYTES", "TEE_LABEL", "ConfidentialFunction", "encode_call", "remote"]
+__all__ = [
+    "MAX_PARAMS_BYTES",
+    "TEE_LABEL",
+    "ConfidentialFunction",
+    "encode_call",
+    "remote",
+    "seal_arguments_for",
+]

@@ -36,6 +36,9 @@ class DomainPolicy:
             under the trusted roots (development only).
         recipients: HPKE public keys (hex, "suite:hex") results may be sealed to besides the domain.
         allow_pickle: open pickle payloads in this domain (anyone with the public key can seal).
+        seal_arguments: every argument of a confidential call in this domain must be sealed: the
+            decorators seal plain arguments automatically (``rc.put``), and executors refuse plain
+            JSON parameters, which Ray would otherwise carry in the clear (docs/executor.md).
         dev: this is the development policy; production brokers refuse it.
     """
 
@@ -46,6 +49,7 @@ class DomainPolicy:
     measurements: Mapping[str, tuple[str, ...]] | None = None
     recipients: tuple[str, ...] = ()
     allow_pickle: bool = False
+    seal_arguments: bool = False
     dev: bool = False
 
     @classmethod
@@ -69,6 +73,8 @@ class DomainPolicy:
         d["measurements"] = (
             None if self.measurements is None else {k: list(v) for k, v in self.measurements.items()}
         )
+        if not self.seal_arguments:  # added later: omitted when off, so earlier policy hashes hold
+            del d["seal_arguments"]
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
     @classmethod
@@ -82,7 +88,7 @@ class DomainPolicy:
         for k, v in data.items():
             if k == "measurements":
                 kwargs[k] = None if v is None else {str(t): tuple(str(m) for m in ms) for t, ms in v.items()}
-            elif k in ("allow_pickle", "dev"):
+            elif k in ("allow_pickle", "seal_arguments", "dev"):
                 if not isinstance(v, bool):
                     raise ValueError(f"domain policy {k} must be true or false")
                 kwargs[k] = v
@@ -111,6 +117,7 @@ class DomainDescriptor:
     public_key: hpke.PublicKey
     policy_hash: str
     allow_pickle: bool = False
+    seal_arguments: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +127,7 @@ class DomainDescriptor:
             "public_key": self.public_key.raw.hex(),
             "policy_hash": self.policy_hash,
             "allow_pickle": self.allow_pickle,
+            **({"seal_arguments": True} if self.seal_arguments else {}),
         }
 
     @classmethod
@@ -130,4 +138,5 @@ class DomainDescriptor:
             public_key=hpke.PublicKey(str(data["suite"]), bytes.fromhex(str(data["public_key"]))),
             policy_hash=str(data["policy_hash"]),
             allow_pickle=bool(data.get("allow_pickle", False)),
+            seal_arguments=bool(data.get("seal_arguments", False)),
         )

@@ -305,6 +305,7 @@ class DevKeyService:
             public_key=key.public_key(),
             policy_hash=policy.policy_hash(),
             allow_pickle=policy.allow_pickle,
+            seal_arguments=policy.seal_arguments,
         )
 
     def unwrap(self, wrapped_dek: bytes, header_hash: bytes, header: bytes) -> bytes:

@@ -89,6 +89,20 @@ def test_descriptor_round_trip_and_policy_from_dict_rejects_typos(tmp_path: Path
         DomainPolicy.from_dict({"bundles": []})
 
 
+def test_seal_arguments_reaches_the_descriptor_and_keeps_earlier_policy_hashes(tmp_path: Path) -> None:
+    """A later policy field: omitted from the canonical JSON when off, so every policy written
+    before it keeps its hash; when on, it changes the hash and appears in the public descriptor."""
+    plain, strict = _dev(), DomainPolicy(dev=True, seal_arguments=True)
+    assert "seal_arguments" not in plain.to_dict() and plain.policy_hash() != strict.policy_hash()
+    assert DomainPolicy.from_dict(strict.to_dict()) == strict
+    with pytest.raises(ValueError, match="seal_arguments must be true or false"):
+        DomainPolicy.from_dict({"seal_arguments": "yes"})
+    svc = DevKeyService(tmp_path)
+    assert not svc.create_domain("open", plain).seal_arguments
+    desc = svc.create_domain("strict", strict)
+    assert desc.seal_arguments and DomainDescriptor.from_dict(desc.to_dict()) == desc
+
+
 def test_invalid_domain_names(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="invalid domain"):
         DevKeyService(tmp_path).create_domain("../etc", _dev())

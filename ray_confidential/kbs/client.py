@@ -363,7 +363,8 @@ class KBSClient:
             raise KeyReleaseDenied("broker descriptor names another domain or version")
         return DomainDescriptor(name=d["name"], version=int(d["version"]),
                                 public_key=hpke.PublicKey(d["suite"], bytes.fromhex(d["public_key"])),
-                                policy_hash=d["policy_hash"], allow_pickle=bool(d["allow_pickle"]))  # fmt: skip
+                                policy_hash=d["policy_hash"], allow_pickle=bool(d["allow_pickle"]),
+                                seal_arguments=bool(d.get("seal_arguments", False)))  # fmt: skip
 
     def descriptor(self, name: str, version: int | None = None) -> DomainDescriptor:
         """The domain's descriptor (newest live version by default), signed by the pinned release key."""

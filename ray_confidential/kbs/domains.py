@@ -156,6 +156,7 @@ class DomainRecord:
             "policy_hash": self.policy.policy_hash(),
             "appraisal_hash": self.appraisal_hash(),
             "allow_pickle": self.policy.allow_pickle,
+            "seal_arguments": self.policy.seal_arguments,
             "retired_versions": [v.version for v in self.versions if v.retired],
         }
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()

@@ -98,6 +98,27 @@ def test_unsealed_memfd_is_refused(env: Env) -> None:
     assert reply.header["status"] == "bad_request"
 
 
+def test_a_seal_arguments_domain_refuses_plain_parameters(env: Env) -> None:
+    """The owner's policy says every argument is sealed: a shim that sends a plain JSON parameter
+    anyway (Ray would have carried it in the clear) is refused; sealed arguments run."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        env.service.create_domain("sealed-args", DomainPolicy(dev=True, seal_arguments=True))
+    x, scale = env.seal(np.arange(4.0), "sealed-args"), env.seal(2.0, "sealed-args")
+    out = env.client.call(TOTAL, domain="sealed-args", inputs=[x, scale], args=[["s", 0], ["s", 1]])
+    assert env.open(out) == {"sum": 12.0}
+    for args, kwargs in (
+        ([["s", 0], ["j", 2.0]], None),
+        ([["s", 0]], {"scale": ["j", 2.0]}),
+        ([["s", 0], 7], None),
+    ):
+        with pytest.raises(KeyReleaseDenied, match=r"requires sealed arguments"):
+            env.client.call(TOTAL, domain="sealed-args", inputs=[x], args=args, kwargs=kwargs)
+    # An input of the strict domain brings its rule into a call whose output domain is another.
+    with pytest.raises(KeyReleaseDenied, match=r"\['sealed-args'\] requires sealed"):
+        env.client.call(TOTAL, domain="exec-a", inputs=[x], args=[["s", 0], ["j", 2.0]])
+
+
 def test_a2_replaced_source_gets_no_key(env: Env) -> None:
     """A compromised head replaces the bundle source: the digest no longer matches, or is not approved."""
     genuine = TOTAL

@@ -91,6 +91,25 @@ def test_arrow_input(cluster: dict[str, Any]) -> None:
     assert rc.get(_snp(conf_funcs.echo_len).remote(rc.put(table, domain="exec-a"))) == 300_000
 
 
+def test_seal_arguments_policy_seals_plain_arguments_before_ray_sees_them(cluster: dict[str, Any]) -> None:
+    from enclave_actors.remote import encode_call, seal_arguments_for
+    from ray_confidential.domains import DomainPolicy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc.create_domain("exec-sealed", policy=DomainPolicy(dev=True, seal_arguments=True))
+    marker = 1234.5678
+    args, kwargs = seal_arguments_for("exec-sealed", (np.arange(3.0),), {"scale": marker})
+    spec, refs = encode_call(args, kwargs)
+    assert spec["args"] == [["s", 0]] and spec["kwargs"] == [["s", 1]] and len(refs) == 2
+    assert str(marker) not in json.dumps(spec)  # what Ray carries: references only
+    total = _snp(conf_funcs.total).options(domain="exec-sealed")
+    assert rc.get(total.remote(np.arange(3.0), scale=2.0)) == {"sum": 6.0}  # a NumPy array, directly
+    acc = conf_funcs.Accumulator.options(tee="sev-snp", domain="exec-sealed").remote(1)
+    assert rc.get(acc.add.remote([1, 2])) == 4.0
+    assert seal_arguments_for("exec-a", (1,), {}) == ((1,), {})  # other domains: unchanged
+
+
 def test_a7_node_claiming_tee_labels_gets_no_key(cluster: dict[str, Any]) -> None:
     from enclave_actors.remote import _shim_task, encode_call
     from ray_confidential.errors import NoAttestedNodeError
