@@ -661,7 +661,10 @@ class Executor:
         if recipient in (None, "", "domain"):
             return {"domain": desc.name, "version": desc.version, "suite": desc.public_key.suite,
                     "public_key": desc.public_key.raw.hex(), "allow_pickle": desc.allow_pickle}  # fmt: skip
-        if not isinstance(recipient, str) or info.policy is None or recipient not in info.policy.recipients:
+        # The policy where this releaser sees it, else the recipients the broker signed into the
+        # descriptor (the same list: descriptor_bytes copies it from the policy).
+        listed = info.policy.recipients if info.policy is not None else desc.recipients
+        if not isinstance(recipient, str) or recipient not in listed:
             raise CallRefused("denied", f"output recipient is not listed in domain {desc.name!r}'s policy")
         suite, _, raw = recipient.partition(":")
         try:

@@ -118,6 +118,8 @@ class DomainDescriptor:
     policy_hash: str
     allow_pickle: bool = False
     seal_arguments: bool = False
+    recipients: tuple[str, ...] = ()
+    """The policy's result recipients ("suite:hex" public keys): executors seal only to these."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -128,6 +130,7 @@ class DomainDescriptor:
             "policy_hash": self.policy_hash,
             "allow_pickle": self.allow_pickle,
             **({"seal_arguments": True} if self.seal_arguments else {}),
+            **({"recipients": list(self.recipients)} if self.recipients else {}),
         }
 
     @classmethod
@@ -139,4 +142,5 @@ class DomainDescriptor:
             policy_hash=str(data["policy_hash"]),
             allow_pickle=bool(data.get("allow_pickle", False)),
             seal_arguments=bool(data.get("seal_arguments", False)),
+            recipients=tuple(str(r) for r in data.get("recipients") or ()),
         )

@@ -306,6 +306,7 @@ class DevKeyService:
             policy_hash=policy.policy_hash(),
             allow_pickle=policy.allow_pickle,
             seal_arguments=policy.seal_arguments,
+            recipients=policy.recipients,
         )
 
     def unwrap(self, wrapped_dek: bytes, header_hash: bytes, header: bytes) -> bytes:

@@ -364,7 +364,8 @@ class KBSClient:
         return DomainDescriptor(name=d["name"], version=int(d["version"]),
                                 public_key=hpke.PublicKey(d["suite"], bytes.fromhex(d["public_key"])),
                                 policy_hash=d["policy_hash"], allow_pickle=bool(d["allow_pickle"]),
-                                seal_arguments=bool(d.get("seal_arguments", False)))  # fmt: skip
+                                seal_arguments=bool(d.get("seal_arguments", False)),
+                                recipients=tuple(str(r) for r in d.get("recipients") or ()))  # fmt: skip
 
     def descriptor(self, name: str, version: int | None = None) -> DomainDescriptor:
         """The domain's descriptor (newest live version by default), signed by the pinned release key."""

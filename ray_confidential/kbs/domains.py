@@ -157,6 +157,7 @@ class DomainRecord:
             "appraisal_hash": self.appraisal_hash(),
             "allow_pickle": self.policy.allow_pickle,
             "seal_arguments": self.policy.seal_arguments,
+            "recipients": list(self.policy.recipients),
             "retired_versions": [v.version for v in self.versions if v.retired],
         }
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()

@@ -8,9 +8,10 @@ from ray_confidential.errors import DecryptionError
 from ray_confidential.sealed.format import DomainPublicKey, SealedHeader, open_with_dek, seal
 
 if TYPE_CHECKING:
+    from ray_confidential.crypto.hpke import PrivateKeyHandle
     from ray_confidential.keyservice import KeyService
 
-__all__ = ["DomainPublicKey", "SealedHeader", "open_sealed", "seal"]
+__all__ = ["DomainPublicKey", "SealedHeader", "open_as_recipient", "open_sealed", "seal"]
 
 
 def open_sealed(data: Any, key_service: KeyService) -> Any:
@@ -27,3 +28,17 @@ def open_sealed(data: Any, key_service: KeyService) -> Any:
     except ValueError as exc:
         raise DecryptionError() from exc
     return open_with_dek(data, dek, allow_pickle=allow_pickle, header=header)
+
+
+def open_as_recipient(data: Any, private_key: PrivateKeyHandle) -> Any:
+    """Open a result an executor sealed to a policy-listed recipient key (``recipients=``; key
+    version 0, docs/executor.md) with that key's private half, held by the recipient. No pickle.
+
+    Raises:
+        DecryptionError: not sealed to this key, or tampered with.
+    """
+    header = SealedHeader.parse(data)
+    if header.key_version != 0 or header.suite != private_key.suite:
+        raise DecryptionError()
+    dek = private_key.unwrap(header.wrapped_dek, info=header.header_hash)
+    return open_with_dek(data, dek, allow_pickle=False, header=header)

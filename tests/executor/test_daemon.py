@@ -22,7 +22,7 @@ from enclave_actors.shim import ExecutorClient
 from ray_confidential.attestation.binding import Binding
 from ray_confidential.bundle import Bundle, from_callable
 from ray_confidential.domains import DomainPolicy
-from ray_confidential.errors import AttestationError, KeyReleaseDenied, SealedTaskError
+from ray_confidential.errors import AttestationError, DecryptionError, KeyReleaseDenied, SealedTaskError
 from ray_confidential.kbs.embedded import EmbeddedBroker
 from tests.executor import conf_funcs
 from tests.executor.conftest import Env, launch, make_service, stop
@@ -191,6 +191,29 @@ def test_forged_requests_are_refused(env: Env) -> None:
     # A recipient key the policy does not list: results are never sealed to the attacker.
     with pytest.raises(KeyReleaseDenied, match="recipient"):
         env.client.call(TOTAL, domain="exec-a", args=[["j", [1]]], recipient="x25519:" + "11" * 32)
+
+
+def test_results_go_to_a_recipient_the_broker_signed_into_the_descriptor(env: Env) -> None:
+    """The executor sees no policy from the broker, only signed descriptors: a recipient listed
+    there receives the result (sealed to its key, version 0), and the domain owner cannot open it."""
+    from ray_confidential.crypto import hpke
+    from ray_confidential.sealed import open_as_recipient
+
+    partner, stranger = hpke.generate_private_key("x25519"), hpke.generate_private_key("x25519")
+    listed = f"x25519:{partner.public_key().raw.hex()}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        env.service.create_domain("shared", DomainPolicy(dev=True, recipients=(listed,)))
+    x = env.seal(np.arange(5.0), "shared")
+    out = env.client.call(TOTAL, domain="shared", inputs=[x], args=[["s", 0]], recipient=listed)
+    assert open_as_recipient(out, partner) == {"sum": 10.0}
+    with pytest.raises(DecryptionError):
+        open_as_recipient(out, stranger)
+    with pytest.raises((DecryptionError, KeyReleaseDenied)):
+        env.open(out)  # the domain owner holds no key version 0
+    unlisted = f"x25519:{stranger.public_key().raw.hex()}"
+    with pytest.raises(KeyReleaseDenied, match="recipient is not listed"):
+        env.client.call(TOTAL, domain="shared", inputs=[x], args=[["s", 0]], recipient=unlisted)
 
 
 def test_domains_never_share_a_worker_and_later_calls_see_no_keys(env: Env) -> None:
