@@ -59,7 +59,9 @@ def _owner_key(pki: PKI, owner: str) -> ec.EllipticCurvePrivateKey:
 
 def _blob(client: KBSClient, version: int | None = None) -> bytes:
     d = client.descriptor("hospital", version)
-    return bytes(seal(b"rows", DomainPublicKey(domain="hospital", version=d.version, public_key=d.public_key)))
+    return bytes(
+        seal(b"rows", DomainPublicKey(domain="hospital", version=d.version, public_key=d.public_key))
+    )
 
 
 def _denied(h: Harness, exc: pytest.ExceptionInfo[BrokerRefusedError], event: str, reason: str) -> None:
@@ -170,7 +172,9 @@ def test_signature_over_another_statement_or_by_another_key_refused(
     owner.create_domain("hospital", POLICY, sign=False)
     owner.rotate("hospital", sign=False)  # version 2 exists, unsigned
     d, key = forge(_fields(owner, version=1))
-    signature = owner_sig.sign_statement(key or _owner_key(pki, "owner-a"), owner_sig.statement_from_descriptor(d))
+    signature = owner_sig.sign_statement(
+        key or _owner_key(pki, "owner-a"), owner_sig.statement_from_descriptor(d)
+    )
     with pytest.raises(BrokerRefusedError) as exc:
         _sign_raw(owner, signature, version=1)
     _denied(h, exc, "sign_descriptor", "does not verify")
@@ -256,7 +260,9 @@ def test_update_policy_with_the_owner_key_re_signs_every_live_version(h: Harness
     owner.retire("hospital", 2)
     owner.update_policy("hospital", UPDATED)
     for version in (1, 3):
-        assert public.descriptor("hospital", version, owner_ca=pki.ca_pem).policy_hash == UPDATED.policy_hash()
+        assert (
+            public.descriptor("hospital", version, owner_ca=pki.ca_pem).policy_hash == UPDATED.policy_hash()
+        )
     assert not _raw(public, version=2).owner_signature  # retired: never signed again
 
 
@@ -305,7 +311,9 @@ def _serve(client: KBSClient, monkeypatch: pytest.MonkeyPatch, rewrite: Callable
     monkeypatch.setattr(client, "_call", rogue)
 
 
-def test_client_refuses_a_signature_that_does_not_verify(h: Harness, pki: PKI, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_client_refuses_a_signature_that_does_not_verify(
+    h: Harness, pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
     h.client("owner-a").create_domain("hospital", POLICY)
     public = h.client()
 
@@ -406,7 +414,7 @@ def test_owner_keys_other_than_p256_refused_clearly(pki: PKI, key: Any, named: s
         owner_sig.load_owner_key(_pem(key))
     with pytest.raises(OwnerSignatureError, match="ECDSA P-256"):
         owner_sig.verify_statement(key.public_key(), b"{}", b"\x30\x00")
-    with pytest.raises(ValueError, match="client_key / client_cert: .*ECDSA P-256"):
+    with pytest.raises(ValueError, match=r"client_key / client_cert: .*ECDSA P-256"):
         KBSClient("127.0.0.1:1", release_public_key=public_pem(_owner_key(pki, "owner-a")), ca_cert=pki.ca_pem,
                   client_cert=pki.owners["owner-a"][0], client_key=_pem(key))  # fmt: skip
 
