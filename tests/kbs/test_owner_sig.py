@@ -503,3 +503,22 @@ def test_owner_signature_survives_restart_and_a_store_edit_voids_it(tmp_path: Pa
         assert not _raw(public).owner_signature
 
     run(voided, dataclasses.replace(config, domains=()))  # (the configured policy would now conflict)
+
+
+def test_registry_refuses_a_certificate_of_another_subject_than_the_owner(pki: PKI) -> None:
+    """Defence in depth below the wire (where the owner is the certificate's subject): a valid signature
+    by owner B's certificate is not owner A's signature."""
+    from ray_confidential.kbs.domains import DomainError, DomainRegistry
+    from ray_confidential.kbs.store import MemoryStore
+
+    reg = DomainRegistry(MemoryStore())
+    rec = reg.create(
+        owner="CN=owner-a", name="hospital", policy=POLICY, appraisal=None, suite="x25519", now=0
+    )
+    v = rec.versions[0]
+    statement = rec.owner_statement(1, reg.public_key(rec, v))
+    cert_b = x509.load_pem_x509_certificate(pki.owners["owner-b"][0]).public_bytes(serialization.Encoding.DER)
+    with pytest.raises(DomainError, match="is not the owner 'CN=owner-a'"):
+        reg.sign(owner="CN=owner-a", name="hospital", version=1, certificate=cert_b,
+                 signature=owner_sig.sign_statement(_owner_key(pki, "owner-b"), statement))  # fmt: skip
+    assert not reg.signed(reg.get("hospital"), 1)  # type: ignore[arg-type]
