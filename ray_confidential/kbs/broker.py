@@ -13,8 +13,9 @@ names the header's domain; (6) the domain exists; (7) the domain's release polic
 bundle, TEE, measurement, pool and region; (8) nothing about the token is revoked; (9) the key version
 exists, is live and has the header's suite; (10) the DEK unwraps with info = header hash; (11) audit,
 sign the record, seal the DEK to the ``cnf`` key with info = record. Under
-``require_owner_signature`` a domain key version serves tokens, unwraps and releases only while it has
-its owner's signature over its current policy (docs/kbs.md "Owner signatures").
+``require_owner_signature`` a domain serves tokens and releases only while a live key version has its
+owner's signature over the current policy, and a key version unwraps only while it has one itself
+(docs/kbs.md "Owner signatures").
 """
 
 from __future__ import annotations
@@ -291,7 +292,7 @@ class Broker:
                                                pool=req.pool, region=req.region, measurement=None)  # fmt: skip
                 except KeyReleaseDenied as exc:
                     raise self._deny("attest", "PERMISSION_DENIED", str(exc), **ctx) from None
-                self._require_owner_signature("attest", d, d.live_version, ctx)
+                self._require_owner_signature("attest", d, None, ctx)
                 policies.append((f"domain:{name}", self._appraisal(d)))
         else:
             routing = self.settings.routing_policy
@@ -387,12 +388,17 @@ class Broker:
     def _require_owner_signature(
         self, event: str, d: DomainRecord, version: int | None, ctx: dict[str, Any]
     ) -> None:
-        """Under ``require_owner_signature``: ``version`` of ``d`` must carry its owner's signature over
-        the current policy (the registry keeps only signatures that verify over it)."""
-        if self.settings.require_owner_signature and (version is None or not self.domains.signed(d, version)):
-            raise self._deny(event, "PERMISSION_DENIED",
-                             f"domain {d.name!r} key version {version} has no owner signature over its current "
-                             "policy (require_owner_signature)", **ctx)  # fmt: skip
+        """Under ``require_owner_signature``: key ``version`` of ``d`` (None: some live version, i.e. the
+        current policy) must carry its owner's signature over the current policy (the registry keeps
+        only signatures that verify over it)."""
+        if not self.settings.require_owner_signature:
+            return
+        if version is None and not self.domains.policy_signed(d):
+            raise self._deny(event, "PERMISSION_DENIED", f"domain {d.name!r}: no live key version has an owner "
+                             "signature over its current policy (require_owner_signature)", **ctx)  # fmt: skip
+        if version is not None and not self.domains.signed(d, version):
+            raise self._deny(event, "PERMISSION_DENIED", f"domain {d.name!r}: key version {version} has no owner "
+                             "signature over its current policy (require_owner_signature)", **ctx)  # fmt: skip
 
     def _authorize(
         self, *, token: str, hpke_suite: str, executor_public_key: bytes, request_nonce: bytes,
@@ -482,7 +488,7 @@ class Broker:
             token=token, hpke_suite=hpke_suite, executor_public_key=executor_public_key,
             request_nonce=request_nonce, domain=domain, ctx=ctx, event="release",
         )  # fmt: skip
-        self._require_owner_signature("release", d, d.live_version, ctx)
+        self._require_owner_signature("release", d, None, ctx)
         value = secrets.get((domain, name))
         if value is None:
             raise self._deny("release", "NOT_FOUND", f"domain {domain!r} has no secret {name!r}", **ctx)

@@ -276,6 +276,11 @@ class DomainRegistry:
         """Whether ``version`` has an owner signature over its current statement (policy included)."""
         return version in rec.owner_signatures
 
+    def policy_signed(self, rec: DomainRecord) -> bool:
+        """Whether some live version has an owner signature over its current statement: the owner has
+        signed the current policy."""
+        return any(not v.retired and v.version in rec.owner_signatures for v in rec.versions)
+
     def _save(self, rec: DomainRecord) -> DomainRecord:
         self._store.put(store_key(rec.name), rec.to_json())
         self._records[rec.name] = rec

@@ -189,10 +189,13 @@ def test_signature_of_version_1_replayed_for_version_2_refused(h: Harness, pki: 
     with pytest.raises(BrokerRefusedError) as exc:
         _sign_raw(owner, v1_signature, version=2)
     _denied(h, exc, "sign_descriptor", "does not verify")
-    # And the broker serves no tokens for a domain whose live version is unsigned.
+    # The policy is signed (version 1): tokens are issued, but only the signed version unwraps.
+    public, ex = h.client(), Executor.create("tdx")
+    token = ex.attest(public, domains=("hospital",))
+    assert len(public.unwrap(token, _blob(public, 1), ex.key)) == 32
     with pytest.raises(BrokerRefusedError) as exc:
-        Executor.create("tdx").attest(h.client(), domains=("hospital",))
-    _denied(h, exc, "attest", "key version 2 has no owner signature")
+        public.unwrap(token, _blob(public, 2), ex.key)
+    _denied(h, exc, "unwrap", "key version 2 has no owner signature")
 
 
 @pytest.mark.parametrize("garbage", [b"", b"\x30\x00", b"\x00" * 73])
@@ -213,7 +216,7 @@ def test_unsigned_domain_serves_no_token_unwrap_or_release(h: Harness, pki: PKI)
     public, ex = h.client(), Executor.create("tdx")
     with pytest.raises(BrokerRefusedError) as exc:
         ex.attest(public, domains=("hospital",))
-    _denied(h, exc, "attest", "no owner signature over its current policy")
+    _denied(h, exc, "attest", "no live key version has an owner signature over its current policy")
     owner.sign_descriptor("hospital", policy=POLICY)
     token = ex.attest(public, domains=("hospital",))
     assert len(public.unwrap(token, _blob(public), ex.key)) == 32
@@ -238,10 +241,10 @@ def test_update_policy_voids_the_signature_until_the_owner_signs_again(h: Harnes
     _denied(h, exc, "unwrap", "key version 1 has no owner signature")
     with pytest.raises(BrokerRefusedError) as exc:
         public.release(token, "hospital", "db-password", ex.key)
-    _denied(h, exc, "release", "no owner signature")
+    _denied(h, exc, "release", "no live key version has an owner signature")
     with pytest.raises(BrokerRefusedError) as exc:
         ex.attest(public, domains=("hospital",))
-    _denied(h, exc, "attest", "no owner signature")
+    _denied(h, exc, "attest", "no live key version has an owner signature")
     # Presenting the signature over the old policy again is refused.
     with pytest.raises(BrokerRefusedError) as exc:
         _sign_raw(owner, old_signature)
