@@ -12,12 +12,16 @@ Unwrap checks, in order (docs/kbs.md "Unwrap"): (1) token signature, issuer, aud
 names the header's domain; (6) the domain exists; (7) the domain's release policy admits the token's
 bundle, TEE, measurement, pool and region; (8) nothing about the token is revoked; (9) the key version
 exists, is live and has the header's suite; (10) the DEK unwraps with info = header hash; (11) audit,
-sign the record, seal the DEK to the ``cnf`` key with info = record.
+sign the record, seal the DEK to the ``cnf`` key with info = record. Under
+``require_owner_signature`` a domain serves tokens and releases only while a live key version has its
+owner's signature over the current policy, and a key version unwraps only while it has one itself
+(docs/kbs.md "Owner signatures").
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import logging
 import threading
@@ -40,7 +44,14 @@ from ray_confidential.domains import ANY, DomainPolicy
 from ray_confidential.errors import ConfidentialError, DecryptionError, KeyReleaseDenied
 from ray_confidential.kbs import record as rec_mod
 from ray_confidential.kbs.challenges import ChallengeStore, IssuedChallenge
-from ray_confidential.kbs.domains import MEASUREMENT_CLAIM, DomainError, DomainRecord, DomainRegistry
+from ray_confidential.kbs.domains import (
+    MEASUREMENT_CLAIM,
+    DomainError,
+    DomainRecord,
+    DomainRegistry,
+    KeyVersion,
+    OwnerSignature,
+)
 from ray_confidential.kbs.revocation import RevocationList
 from ray_confidential.kbs.store import KeyStore
 from ray_confidential.kbs.tokens import TokenClaims, TokenIssuer, TokenVerifier, jkt
@@ -100,6 +111,9 @@ class BrokerSettings:
         admins: owner identities whose revocations apply to every domain.
         routing_policy: reference values for routing-scope tokens (None: routing tokens refused in
             production; any measurement under the trusted roots in development).
+        require_owner_signature: refuse tokens, unwraps and releases for a domain key version without
+            its owner's signature over its current policy (docs/kbs.md "Owner signatures"). ``kbs.yaml``
+            turns it on unless it says otherwise; the development brokers leave it off.
     """
 
     env: str
@@ -110,6 +124,7 @@ class BrokerSettings:
     cluster_ids: frozenset[str] | None = None
     admins: frozenset[str] = frozenset()
     routing_policy: AppraisalPolicy | None = None
+    require_owner_signature: bool = False
 
     @property
     def production(self) -> bool:
@@ -277,6 +292,7 @@ class Broker:
                                                pool=req.pool, region=req.region, measurement=None)  # fmt: skip
                 except KeyReleaseDenied as exc:
                     raise self._deny("attest", "PERMISSION_DENIED", str(exc), **ctx) from None
+                self._require_owner_signature("attest", d, None, ctx)
                 policies.append((f"domain:{name}", self._appraisal(d)))
         else:
             routing = self.settings.routing_policy
@@ -369,6 +385,21 @@ class Broker:
             if measurement.lower() not in {m.lower() for m in p.measurements[tee]}:
                 raise KeyReleaseDenied(f"measurement {measurement} is not pinned by domain {d.name!r}")
 
+    def _require_owner_signature(
+        self, event: str, d: DomainRecord, version: int | None, ctx: dict[str, Any]
+    ) -> None:
+        """Under ``require_owner_signature``: key ``version`` of ``d`` (None: some live version, i.e. the
+        current policy) must carry its owner's signature over the current policy (the registry keeps
+        only signatures that verify over it)."""
+        if not self.settings.require_owner_signature:
+            return
+        if version is None and not self.domains.policy_signed(d):
+            raise self._deny(event, "PERMISSION_DENIED", f"domain {d.name!r}: no live key version has an owner "
+                             "signature over its current policy (require_owner_signature)", **ctx)  # fmt: skip
+        if version is not None and not self.domains.signed(d, version):
+            raise self._deny(event, "PERMISSION_DENIED", f"domain {d.name!r}: key version {version} has no owner "
+                             "signature over its current policy (require_owner_signature)", **ctx)  # fmt: skip
+
     def _authorize(
         self, *, token: str, hpke_suite: str, executor_public_key: bytes, request_nonce: bytes,
         domain: str, ctx: dict[str, Any], event: str,
@@ -433,6 +464,7 @@ class Broker:
             raise self._deny(
                 "unwrap", "PERMISSION_DENIED", "header suite differs from the key version's", **ctx
             )
+        self._require_owner_signature("unwrap", d, version.version, ctx)
         # (10) The domain wrap opens only with info = this header's hash.
         try:
             dek = self.domains.private_key(d, version).unwrap(parsed.wrapped_dek, info=parsed.header_hash)
@@ -456,6 +488,7 @@ class Broker:
             token=token, hpke_suite=hpke_suite, executor_public_key=executor_public_key,
             request_nonce=request_nonce, domain=domain, ctx=ctx, event="release",
         )  # fmt: skip
+        self._require_owner_signature("release", d, None, ctx)
         value = secrets.get((domain, name))
         if value is None:
             raise self._deny("release", "NOT_FOUND", f"domain {domain!r} has no secret {name!r}", **ctx)
@@ -474,8 +507,7 @@ class Broker:
         return KeyResponse(body, rec_mod.sign(self._release_key, body), hpke.wrap(to, key, info=body))
 
     # -- public reads ------------------------------------------------------------------------------
-    def descriptor(self, name: str, version: int = 0) -> tuple[bytes, bytes]:
-        """(canonical descriptor JSON, release-key signature). Raises :class:`Denied` (NOT_FOUND)."""
+    def _descriptor_version(self, name: str, version: int) -> tuple[DomainRecord, KeyVersion]:
         d = self.domains.get(name)
         if d is None:
             raise Denied("NOT_FOUND", f"unknown domain {name!r}")
@@ -483,8 +515,19 @@ class Broker:
         v = d.version(number) if number else None
         if v is None:
             raise Denied("NOT_FOUND", f"domain {name!r} has no key version {version or '(live)'}")
+        return d, v
+
+    def descriptor(self, name: str, version: int = 0) -> tuple[bytes, bytes]:
+        """(canonical descriptor JSON, release-key signature). Raises :class:`Denied` (NOT_FOUND)."""
+        body, sig, _ = self.signed_descriptor(name, version)
+        return body, sig
+
+    def signed_descriptor(self, name: str, version: int = 0) -> tuple[bytes, bytes, OwnerSignature | None]:
+        """:meth:`descriptor` and, from the same record, the owner's signature of that version's
+        statement under the current policy (None if the owner has not signed it)."""
+        d, v = self._descriptor_version(name, version)
         body = d.descriptor_bytes(v.version, self.domains.public_key(d, v), self.settings.issuer)
-        return body, rec_mod.sign(self._release_key, body)
+        return body, rec_mod.sign(self._release_key, body), d.owner_signatures.get(v.version)
 
     def jwks(self) -> dict[str, Any]:
         return self.issuer.jwks()
@@ -564,6 +607,30 @@ class Broker:
             return d
 
         result: DomainRecord = self._owner_op("retire", owner, {"domain": name, "version": version}, op)
+        return result
+
+    def sign_descriptor(
+        self, owner: str | None, name: str, version: int, signature: bytes, certificate: bytes | None
+    ) -> DomainRecord:
+        """Keep the owner's signature of key version ``version`` (0: the live one) of ``name``, made with
+        the key of ``certificate`` (DER of the caller's verified client certificate) over the version's
+        owner statement (docs/kbs.md "Owner signatures"). Audited; raises :class:`Denied`."""
+
+        def op(who: str) -> DomainRecord:
+            if certificate is None:
+                raise Denied("PERMISSION_DENIED", "sign_descriptor needs the owner's client certificate")
+            d = self.domains.get(name)
+            number = version or (d.live_version if d is not None else None) or 0
+            new = self.domains.sign(owner=who, name=name, version=number, signature=signature,
+                                    certificate=certificate)  # fmt: skip
+            self._record("sign_descriptor", decision="grant", owner=who, domain=name, version=number,
+                         policy_hash=new.policy.policy_hash(), appraisal_hash=new.appraisal_hash(),
+                         certificate_sha256=hashlib.sha256(certificate).hexdigest())  # fmt: skip
+            return new
+
+        result: DomainRecord = self._owner_op(
+            "sign_descriptor", owner, {"domain": name, "version": version}, op
+        )
         return result
 
     def revoke(self, owner: str | None, kind: str, value: str, reason: str = "") -> int:

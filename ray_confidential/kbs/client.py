@@ -12,6 +12,12 @@ The release key and CA come from the image or launch data, never from the broker
 pinned release key and its record names this request's fresh nonce, the header's domain, version
 and hash, the token and the executor key; the DEK is then opened with ``info`` = that record.
 
+Owners: a client built with an owner's client certificate and key signs each key version's owner
+statement after ``create_domain``, ``update_policy`` and ``rotate`` (``SignDescriptor``), having
+checked that the descriptor names itself and the policy it sent. ``descriptor(name, owner_ca=PEM)``
+accepts a descriptor only with a valid owner signature by a certificate of that CA naming the
+descriptor's owner (docs/kbs.md "Owner signatures").
+
 Retries: only on UNAVAILABLE, with exponential backoff, ``retries`` times; after that the call fails
 closed with :class:`BrokerUnavailableError` (a :class:`~ray_confidential.errors.KeyReleaseDenied`).
 """
@@ -28,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 import grpc
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -36,7 +43,9 @@ from ray_confidential.attestation.evidence import Evidence
 from ray_confidential.crypto import hpke
 from ray_confidential.domains import DomainDescriptor, DomainPolicy
 from ray_confidential.errors import DecryptionError, KeyReleaseDenied
+from ray_confidential.kbs import owner_sig
 from ray_confidential.kbs import record as rec_mod
+from ray_confidential.kbs.domains import appraisal_hash
 from ray_confidential.kbs.proto import kbs_pb2, kbs_pb2_grpc
 from ray_confidential.kbs.server import is_loopback, split_address
 from ray_confidential.kbs.tokens import TokenClaims, jkt
@@ -121,6 +130,28 @@ def _policy_json(policy: DomainPolicy | Mapping[str, Any]) -> str:
     return json.dumps(policy.to_dict() if isinstance(policy, DomainPolicy) else dict(policy), sort_keys=True)
 
 
+def _expected_hashes(policy_json: str, appraisal: Mapping[str, Any] | None) -> tuple[str, str]:
+    """(policy_hash, appraisal_hash) the broker must report for the policy this owner sent."""
+    sent = json.loads(json.dumps(appraisal)) if appraisal else None
+    return DomainPolicy.from_dict(json.loads(policy_json)).policy_hash(), appraisal_hash(sent)
+
+
+def _owner_credentials(
+    client_cert: bytes | None, client_key: bytes | None
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None:
+    if client_cert is None or client_key is None:
+        return None
+    try:
+        key = owner_sig.load_owner_key(client_key)
+        cert = x509.load_pem_x509_certificates(client_cert)[0]
+        owner_sig.certificate_key(cert)
+    except owner_sig.OwnerSignatureError as exc:
+        raise ValueError(f"client_key / client_cert: {exc}") from None
+    if cert.public_key() != key.public_key():
+        raise ValueError("client_key is not the key of client_cert (the first certificate of the PEM chain)")
+    return key, cert
+
+
 def open_channel(
     target: str, *, ca_cert: bytes | None, client_cert: bytes | None = None, client_key: bytes | None = None
 ) -> grpc.Channel:
@@ -153,7 +184,8 @@ class KBSClient:
         release_public_key: the broker's release key (PEM), pinned: responses signed otherwise are refused.
         ca_cert: PEM CA that issued the broker's TLS certificate. None only for the development broker
             on a loopback address (plaintext).
-        client_cert / client_key: PEM certificate and key of an owner (mutual TLS for owner RPCs).
+        client_cert / client_key: PEM certificate and key of an owner (mutual TLS for owner RPCs). The
+            key (ECDSA P-256, the owner certificates' type) also signs the owner statements.
         timeout: seconds per attempt.
         retries: extra attempts after UNAVAILABLE (exponential backoff from 0.1 s, at most 2 s).
 
@@ -173,6 +205,7 @@ class KBSClient:
         retries: int = 3,
     ) -> None:
         self._release_key = _load_release_key(release_public_key)
+        self._owner = _owner_credentials(client_cert, client_key)
         self._channel = open_channel(target, ca_cert=ca_cert, client_cert=client_cert, client_key=client_key)
         self._stub = kbs_pb2_grpc.KeyBrokerStub(self._channel)  # type: ignore[no-untyped-call]
         self.target, self.timeout, self.retries = target, timeout, max(0, retries)
@@ -355,31 +388,102 @@ class KBSClient:
         return result
 
     # -- descriptors -------------------------------------------------------------------------------
-    def _descriptor(self, resp: Any, name: str, version: int | None) -> DomainDescriptor:
+    def _verified(self, resp: Any, name: str, version: int | None) -> dict[str, Any]:
         body = bytes(resp.descriptor)
         rec_mod.verify(self._release_key, body, bytes(resp.signature))
-        d = json.loads(body)
+        d: dict[str, Any] = json.loads(body)
         if d.get("name") != name or (version is not None and d.get("version") != version):
             raise KeyReleaseDenied("broker descriptor names another domain or version")
+        return d
+
+    def _descriptor(self, resp: Any, name: str, version: int | None) -> DomainDescriptor:
+        return self._from_verified(self._verified(resp, name, version))
+
+    @staticmethod
+    def _from_verified(d: Mapping[str, Any]) -> DomainDescriptor:
         return DomainDescriptor(name=d["name"], version=int(d["version"]),
                                 public_key=hpke.PublicKey(d["suite"], bytes.fromhex(d["public_key"])),
                                 policy_hash=d["policy_hash"], allow_pickle=bool(d["allow_pickle"]),
                                 seal_arguments=bool(d.get("seal_arguments", False)),
                                 recipients=tuple(str(r) for r in d.get("recipients") or ()))  # fmt: skip
 
-    def descriptor(self, name: str, version: int | None = None) -> DomainDescriptor:
-        """The domain's descriptor (newest live version by default), signed by the pinned release key."""
+    def descriptor(
+        self, name: str, version: int | None = None, *, owner_ca: bytes | None = None
+    ) -> DomainDescriptor:
+        """The domain's descriptor (newest live version by default), signed by the pinned release key.
+
+        Args:
+            owner_ca: PEM of the owner CA to pin. Given, the descriptor must also carry its owner's
+                signature: the certificate must chain to ``owner_ca`` and name the descriptor's
+                ``owner``, and its key must have signed the owner statement rebuilt from the
+                descriptor's verified fields (docs/kbs.md "Owner signatures").
+
+        Raises:
+            OwnerSignatureError: ``owner_ca`` given and the owner signature is missing or invalid.
+            KeyReleaseDenied: not signed by the pinned release key, or another domain or version.
+        """
         resp = self._call("GetDescriptor", kbs_pb2.GetDescriptorRequest(name=name, version=version or 0))
-        return self._descriptor(resp, name, version)
+        d = self._verified(resp, name, version)
+        if owner_ca is not None:
+            verify_owner_signature(d, bytes(resp.owner_signature), bytes(resp.owner_certificate),
+                                   owner_ca=owner_ca)  # fmt: skip
+        return self._from_verified(d)
+
+    # -- owner signatures --------------------------------------------------------------------------
+    def _sign(self, resp: Any, name: str, version: int | None, expect: tuple[str, str] | None) -> Any:
+        """Sign the owner statement of the verified descriptor in ``resp``; returns SignDescriptor's answer."""
+        if self._owner is None:
+            raise ValueError("signing needs the owner's client_cert and client_key")
+        key, cert = self._owner
+        d = self._verified(resp, name, version)
+        me = cert.subject.rfc4514_string()
+        if d.get("owner") != me:
+            raise KeyReleaseDenied(
+                f"broker descriptor names owner {d.get('owner')!r}, not {me!r}: not signing"
+            )
+        if expect is not None and (d.get("policy_hash"), d.get("appraisal_hash")) != expect:
+            raise KeyReleaseDenied("broker descriptor names another policy than the one sent: not signing")
+        signature = owner_sig.sign_statement(key, owner_sig.statement_from_descriptor(d))
+        signed = self._call("SignDescriptor", kbs_pb2.SignDescriptorRequest(
+            name=name, version=int(d["version"]), signature=signature))  # fmt: skip
+        self._verified(signed, name, int(d["version"]))
+        if bytes(signed.owner_signature) != signature:
+            raise KeyReleaseDenied("broker did not keep the owner signature")
+        return signed
+
+    def sign_descriptor(
+        self, name: str, version: int | None = None, *, policy: DomainPolicy | Mapping[str, Any] | None = None,
+        appraisal: Mapping[str, Any] | None = None,
+    ) -> DomainDescriptor:  # fmt: skip
+        """Sign the owner statement of ``version`` (newest live by default) as this client's owner.
+
+        Args:
+            policy / appraisal: when given, sign only if the descriptor names exactly this policy
+                (and appraisal policy; None = derived from the policy).
+
+        Raises:
+            ValueError: this client holds no owner key.
+            KeyReleaseDenied: the descriptor names another owner or policy; the broker refused.
+        """
+        resp = self._call("GetDescriptor", kbs_pb2.GetDescriptorRequest(name=name, version=version or 0))
+        expect = None if policy is None else _expected_hashes(_policy_json(policy), appraisal)
+        return self._descriptor(self._sign(resp, name, version, expect), name, version)
+
+    def _sign_after(self, resp: Any, name: str, sign: bool, expect: tuple[str, str] | None) -> Any:
+        return self._sign(resp, name, None, expect) if sign and self._owner is not None else resp
 
     # -- owners (mutual TLS) -----------------------------------------------------------------------
     def create_domain(
         self, name: str, policy: DomainPolicy | Mapping[str, Any], *, appraisal: Mapping[str, Any] | None = None,
-        suite: str = hpke.DEFAULT_SUITE,
+        suite: str = hpke.DEFAULT_SUITE, sign: bool = True,
     ) -> DomainDescriptor:  # fmt: skip
+        """Create (or confirm) a domain; with the owner's key (and ``sign``), sign its statement once the
+        descriptor names this owner and exactly this policy."""
+        policy_json = _policy_json(policy)
         resp = self._call("CreateDomain", kbs_pb2.CreateDomainRequest(
-            name=name, policy_json=_policy_json(policy), appraisal_json=json.dumps(appraisal) if appraisal else "",
+            name=name, policy_json=policy_json, appraisal_json=json.dumps(appraisal) if appraisal else "",
             hpke_suite=suite))  # fmt: skip
+        resp = self._sign_after(resp, name, sign, _expected_hashes(policy_json, appraisal))
         return self._descriptor(resp, name, None)
 
     def update_policy(
@@ -388,14 +492,32 @@ class KBSClient:
         policy: DomainPolicy | Mapping[str, Any],
         *,
         appraisal: Mapping[str, Any] | None = None,
+        sign: bool = True,
     ) -> DomainDescriptor:
+        """Replace the domain's policy. The broker drops every owner signature over the old policy; with
+        the owner's key (and ``sign``) this signs the new statement of every live key version."""
+        policy_json = _policy_json(policy)
         resp = self._call("UpdatePolicy", kbs_pb2.UpdatePolicyRequest(
-            name=name, policy_json=_policy_json(policy),
+            name=name, policy_json=policy_json,
             appraisal_json=json.dumps(appraisal) if appraisal else ""))  # fmt: skip
+        expect = _expected_hashes(policy_json, appraisal)
+        resp = self._sign_after(resp, name, sign, expect)
+        if sign and self._owner is not None:
+            live = self._verified(resp, name, None)
+            retired = set(live.get("retired_versions") or ())
+            for number in range(1, int(live["version"])):
+                if number not in retired:
+                    older = self._call(
+                        "GetDescriptor", kbs_pb2.GetDescriptorRequest(name=name, version=number)
+                    )
+                    self._sign(older, name, number, expect)
         return self._descriptor(resp, name, None)
 
-    def rotate(self, name: str, *, suite: str | None = None) -> DomainDescriptor:
+    def rotate(self, name: str, *, suite: str | None = None, sign: bool = True) -> DomainDescriptor:
+        """A new key version; with the owner's key (and ``sign``) sign its statement (the policy hashes
+        are the broker's current ones, which rotation does not change)."""
         resp = self._call("Rotate", kbs_pb2.RotateRequest(name=name, hpke_suite=suite or ""))
+        resp = self._sign_after(resp, name, sign, None)
         return self._descriptor(resp, name, None)
 
     def retire(self, name: str, version: int) -> None:
@@ -412,4 +534,33 @@ class KBSClient:
         return bytes(self._call("GetAuditCheckpoint", kbs_pb2.AuditCheckpointRequest()).checkpoint)
 
 
-__all__ = ["BrokerRefusedError", "BrokerUnavailableError", "Challenge", "KBSClient", "Token"]
+def verify_owner_signature(
+    descriptor: Mapping[str, Any], signature: bytes, certificate: bytes, *, owner_ca: bytes
+) -> None:
+    """Check the owner signature of a descriptor already verified under the release key.
+
+    Raises:
+        OwnerSignatureError: no signature; the certificate does not chain to ``owner_ca``, does not
+            name the descriptor's owner or has no P-256 key; or the signature does not verify over
+            the owner statement rebuilt from ``descriptor``.
+    """
+    if not signature or not certificate:
+        raise owner_sig.OwnerSignatureError(
+            f"descriptor of {descriptor.get('name')!r} v{descriptor.get('version')} carries no owner signature "
+            "(the owner has not signed this version under the current policy)"
+        )
+    cert = owner_sig.verify_owner_certificate(
+        certificate, owner_ca=owner_ca, owner=str(descriptor.get("owner"))
+    )
+    statement = owner_sig.statement_from_descriptor(dict(descriptor))
+    owner_sig.verify_statement(owner_sig.certificate_key(cert), statement, signature)
+
+
+__all__ = [
+    "BrokerRefusedError",
+    "BrokerUnavailableError",
+    "Challenge",
+    "KBSClient",
+    "Token",
+    "verify_owner_signature",
+]

@@ -44,7 +44,7 @@ DEV_BANNER: Final = (
 TOP_KEYS: Final = frozenset(
     {"env", "listen", "issuer", "audience", "tls", "keys", "store", "audit", "trust", "tokens",
      "challenges", "rate_limit", "owner_listen", "routing_policy", "domains", "secrets", "admins", "cluster_ids",
-     "grpc"}
+     "grpc", "require_owner_signature"}
 )  # fmt: skip
 
 
@@ -178,12 +178,19 @@ class BrokerConfig:
             if not routing.pinned:
                 raise ConfigError("routing_policy: has no measurement pin")
         tokens, challenges = section("tokens"), section("challenges")
+        require_owner_signature = data.get("require_owner_signature", True)
+        if not isinstance(require_owner_signature, bool):
+            raise ConfigError("require_owner_signature must be true or false (default true)")
+        if not require_owner_signature:
+            warnings.warn("require_owner_signature: false: domain key versions serve keys without their "
+                          "owner's signature over the current policy", UserWarning, stacklevel=2)  # fmt: skip
         issuer = str(data.get("issuer", "ray-confidential-kbs"))
         settings = BrokerSettings(
             env="prod", issuer=issuer, audience=str(data.get("audience", issuer)),
             token_ttl=int(tokens.get("ttl_s", 300)), challenge_ttl=float(challenges.get("ttl_s", 30)),
             cluster_ids=frozenset(map(str, data["cluster_ids"])) if data.get("cluster_ids") else None,
             admins=frozenset(map(str, data.get("admins", []))), routing_policy=routing,
+            require_owner_signature=require_owner_signature,
         )  # fmt: skip
         if not 0 < settings.token_ttl <= 300:
             raise ConfigError("tokens.ttl_s must be 1..300")

@@ -3,7 +3,8 @@
 One record per domain under ``domains/<sha256(name)[:32]>`` (JSON, the store encrypts it at rest);
 private keys stay in the record and in :class:`~ray_confidential.crypto.hpke.PrivateKeyHandle` objects
 in memory, never in a response. The signed descriptor is what executors and drivers fetch
-(docs/kbs.md "Descriptors").
+(docs/kbs.md "Descriptors"). A record also keeps the owner's signatures of its key versions
+(docs/kbs.md "Owner signatures"), only while they verify over the current policy.
 
     >>> from ray_confidential.kbs.store import MemoryStore
     >>> reg = DomainRegistry(MemoryStore())
@@ -17,17 +18,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
+from cryptography import x509
+
 from ray_confidential.attestation.policy import AppraisalPolicy
 from ray_confidential.crypto import hpke
 from ray_confidential.domains import ANY, DomainPolicy
+from ray_confidential.kbs import owner_sig
 from ray_confidential.kbs.store import KeyStore
 from ray_confidential.sealed.format import _name as check_name
+
+log = logging.getLogger("ray_confidential.kbs")
 
 PREFIX: Final = "domains/"
 DESCRIPTOR_FORMAT: Final = 1
@@ -50,6 +57,12 @@ class DomainError(Exception):
         super().__init__(message)
 
 
+def appraisal_hash(appraisal: Mapping[str, Any] | None) -> str:
+    """SHA-256 over the canonical JSON of an appraisal policy dict (``null`` when derived from the policy)."""
+    body = json.dumps(appraisal, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(b"ray-confidential/appraisal-policy/v1\x00" + body).hexdigest()
+
+
 def store_key(name: str) -> str:
     return PREFIX + hashlib.sha256(name.encode()).hexdigest()[:32]
 
@@ -63,8 +76,22 @@ class KeyVersion:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OwnerSignature:
+    """The owner's signature of one key version's statement, with the certificate whose key made it."""
+
+    signature: bytes
+    certificate: bytes
+    """DER of the owner's client certificate (verified by mutual TLS when the owner signed)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DomainRecord:
-    """A domain as the broker holds it."""
+    """A domain as the broker holds it.
+
+    ``owner_signatures`` (key version -> :class:`OwnerSignature`) holds only signatures that verify
+    over the version's current owner statement: :class:`DomainRegistry` checks each when it signs,
+    loads or changes the policy, and drops those that no longer verify.
+    """
 
     name: str
     owner: str
@@ -72,6 +99,7 @@ class DomainRecord:
     appraisal: Mapping[str, Any] | None
     versions: tuple[KeyVersion, ...]
     created: int
+    owner_signatures: Mapping[int, OwnerSignature] = field(default_factory=dict)
 
     @property
     def live_version(self) -> int | None:
@@ -115,6 +143,10 @@ class DomainRecord:
                     for v in self.versions
                 ],
                 "created": self.created,
+                "owner_signatures": {
+                    str(n): {"signature": s.signature.hex(), "certificate": s.certificate.hex()}
+                    for n, s in self.owner_signatures.items()
+                },
             },
             sort_keys=True,
         ).encode()
@@ -137,11 +169,16 @@ class DomainRecord:
                 for v in d["versions"]
             ),
             created=d["created"],
+            owner_signatures={
+                int(n): OwnerSignature(
+                    signature=bytes.fromhex(s["signature"]), certificate=bytes.fromhex(s["certificate"])
+                )
+                for n, s in (d.get("owner_signatures") or {}).items()
+            },
         )
 
     def appraisal_hash(self) -> str:
-        body = json.dumps(self.appraisal, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(b"ray-confidential/appraisal-policy/v1\x00" + body).hexdigest()
+        return appraisal_hash(self.appraisal)
 
     def descriptor_bytes(self, version: int, public_key: hpke.PublicKey, issuer: str) -> bytes:
         """Canonical JSON of the descriptor of ``version`` (what the broker signs)."""
@@ -162,6 +199,16 @@ class DomainRecord:
         }
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
+    def owner_statement(self, version: int, public_key: hpke.PublicKey) -> bytes:
+        """The owner statement of ``version`` under the current policy (what the owner signs)."""
+        return owner_sig.statement_bytes(name=self.name, owner=self.owner, version=version,
+                                         suite=public_key.suite, public_key=public_key.raw,
+                                         policy_hash=self.policy.policy_hash(),
+                                         appraisal_hash=self.appraisal_hash(),
+                                         allow_pickle=self.policy.allow_pickle,
+                                         seal_arguments=self.policy.seal_arguments,
+                                         recipients=self.policy.recipients)  # fmt: skip
+
 
 class DomainRegistry:
     """Domain records in a :class:`~ray_confidential.kbs.store.KeyStore`, with an in-memory cache.
@@ -178,7 +225,7 @@ class DomainRegistry:
             raw = store.get(key)
             if raw is not None:
                 rec = DomainRecord.from_json(raw)
-                self._records[rec.name] = rec
+                self._records[rec.name] = self._verified_signatures(rec)
 
     def get(self, name: str) -> DomainRecord | None:
         return self._records.get(name)
@@ -195,6 +242,44 @@ class DomainRegistry:
 
     def public_key(self, rec: DomainRecord, version: KeyVersion) -> hpke.PublicKey:
         return self.private_key(rec, version).public_key()
+
+    def _check_owner_signature(self, rec: DomainRecord, version: KeyVersion, sig: OwnerSignature) -> None:
+        """Raises OwnerSignatureError unless ``sig`` is the owner's over ``version``'s current statement."""
+        try:
+            cert = x509.load_der_x509_certificate(sig.certificate)
+        except ValueError as exc:
+            raise owner_sig.OwnerSignatureError(f"owner certificate does not parse: {exc}") from None
+        subject = cert.subject.rfc4514_string()
+        if subject != rec.owner:
+            raise owner_sig.OwnerSignatureError(
+                f"certificate subject {subject!r} is not the owner {rec.owner!r} of {rec.name!r}"
+            )
+        statement = rec.owner_statement(version.version, self.public_key(rec, version))
+        owner_sig.verify_statement(owner_sig.certificate_key(cert), statement, sig.signature)
+
+    def _verified_signatures(self, rec: DomainRecord) -> DomainRecord:
+        """``rec`` keeping only owner signatures that verify over its current statements."""
+        kept = {}
+        for number, sig in rec.owner_signatures.items():
+            version = rec.version(number)
+            try:
+                if version is None or version.retired:
+                    raise owner_sig.OwnerSignatureError(f"no live key version {number}")
+                self._check_owner_signature(rec, version, sig)
+            except owner_sig.OwnerSignatureError as exc:
+                log.info("domain %r version %d: owner signature dropped: %s", rec.name, number, exc)
+                continue
+            kept[number] = sig
+        return rec if len(kept) == len(rec.owner_signatures) else replace(rec, owner_signatures=kept)
+
+    def signed(self, rec: DomainRecord, version: int) -> bool:
+        """Whether ``version`` has an owner signature over its current statement (policy included)."""
+        return version in rec.owner_signatures
+
+    def policy_signed(self, rec: DomainRecord) -> bool:
+        """Whether some live version has an owner signature over its current statement: the owner has
+        signed the current policy."""
+        return any(not v.retired and v.version in rec.owner_signatures for v in rec.versions)
 
     def _save(self, rec: DomainRecord) -> DomainRecord:
         self._store.put(store_key(rec.name), rec.to_json())
@@ -254,10 +339,38 @@ class DomainRegistry:
     def update_policy(
         self, *, owner: str, name: str, policy: DomainPolicy, appraisal: Mapping[str, Any] | None
     ) -> tuple[DomainRecord, DomainRecord]:
-        """Replace the policy; returns (old, new)."""
+        """Replace the policy; returns (old, new). Owner signatures over the old policy are dropped (the
+        statement names the policy and appraisal hashes): the owner signs the new one."""
         with self._lock:
             old = self._owned(owner, name)
-            return old, self._save(replace(old, policy=policy, appraisal=appraisal))
+            new = self._verified_signatures(replace(old, policy=policy, appraisal=appraisal))
+            return old, self._save(new)
+
+    def sign(
+        self, *, owner: str, name: str, version: int, signature: bytes, certificate: bytes
+    ) -> DomainRecord:
+        """Keep the owner's signature of ``version``'s statement, once it verifies with the key of
+        ``certificate`` (the caller's verified client certificate, DER), whose subject must be the owner.
+
+        Raises:
+            DomainError: not the owner (PERMISSION_DENIED), no such or a retired version (NOT_FOUND,
+                INVALID_ARGUMENT), or the signature does not verify (PERMISSION_DENIED).
+        """
+        with self._lock:
+            rec = self._owned(owner, name)
+            v = rec.version(version)
+            if v is None:
+                raise DomainError("NOT_FOUND", f"domain {name!r} has no key version {version}")
+            if v.retired:
+                raise DomainError("INVALID_ARGUMENT", f"key version {version} of {name!r} is retired")
+            sig = OwnerSignature(signature=bytes(signature), certificate=bytes(certificate))
+            try:
+                self._check_owner_signature(rec, v, sig)
+            except owner_sig.OwnerSignatureError as exc:
+                raise DomainError(
+                    "PERMISSION_DENIED", f"owner signature of {name!r} v{version}: {exc}"
+                ) from None
+            return self._save(replace(rec, owner_signatures={**rec.owner_signatures, version: sig}))
 
     def rotate(self, *, owner: str, name: str, suite: str | None) -> DomainRecord:
         with self._lock:
@@ -278,7 +391,15 @@ class DomainRegistry:
                 raise DomainError("NOT_FOUND", f"domain {name!r} has no key version {version}")
             versions = tuple(replace(v, retired=True) if v.version == version else v for v in rec.versions)
             self._keys.pop((name, version), None)
-            return self._save(replace(rec, versions=versions))
+            signatures = {n: s for n, s in rec.owner_signatures.items() if n != version}
+            return self._save(replace(rec, versions=versions, owner_signatures=signatures))
 
 
-__all__ = ["MEASUREMENT_CLAIM", "DomainError", "DomainRecord", "DomainRegistry", "KeyVersion"]
+__all__ = [
+    "MEASUREMENT_CLAIM",
+    "DomainError",
+    "DomainRecord",
+    "DomainRegistry",
+    "KeyVersion",
+    "OwnerSignature",
+]

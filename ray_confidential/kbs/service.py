@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from ray_confidential.attestation.evidence import Evidence
 from ray_confidential.kbs.broker import AttestRequest, Broker, Denied, KeyResponse
@@ -45,6 +46,16 @@ def owner_identity(context: grpc.ServicerContext) -> str | None:
         return None
     cert = x509.load_pem_x509_certificate(pems[0])
     return cert.subject.rfc4514_string()
+
+
+def owner_certificate(context: grpc.ServicerContext) -> bytes | None:
+    """DER of the verified client certificate (the owner's, mutual TLS), or None."""
+    if context.peer_identities() is None:
+        return None
+    pems = context.auth_context().get("x509_pem_cert")
+    if not pems:
+        return None
+    return x509.load_pem_x509_certificate(pems[0]).public_bytes(serialization.Encoding.DER)
 
 
 def client_key(context: grpc.ServicerContext, owner: str | None) -> str:
@@ -111,8 +122,11 @@ class KeyBrokerService(kbs_pb2_grpc.KeyBrokerServicer):
         return kbs_pb2.KeyResponse(record=resp.record, signature=resp.signature, sealed_key=resp.sealed_key)
 
     def _descriptor(self, name: str, version: int = 0) -> kbs_pb2.DescriptorResponse:
-        body, sig = self.broker.descriptor(name, version)
-        return kbs_pb2.DescriptorResponse(descriptor=body, signature=sig)
+        body, sig, owner = self.broker.signed_descriptor(name, version)
+        if owner is None:
+            return kbs_pb2.DescriptorResponse(descriptor=body, signature=sig)
+        return kbs_pb2.DescriptorResponse(descriptor=body, signature=sig, owner_signature=owner.signature,
+                                          owner_certificate=owner.certificate)  # fmt: skip
 
     # -- executors ---------------------------------------------------------------------------------
     def GetChallenge(self, request: kbs_pb2.ChallengeRequest, context: grpc.ServicerContext) -> Any:
@@ -226,6 +240,14 @@ class KeyBrokerService(kbs_pb2_grpc.KeyBrokerServicer):
 
         return self._run("Retire", context, fn)
 
+    def SignDescriptor(self, request: kbs_pb2.SignDescriptorRequest, context: grpc.ServicerContext) -> Any:
+        def fn(owner: str | None, client: str) -> kbs_pb2.DescriptorResponse:
+            d = self.broker.sign_descriptor(owner, request.name, request.version, bytes(request.signature),
+                                            owner_certificate(context))  # fmt: skip
+            return self._descriptor(d.name, request.version)
+
+        return self._run("SignDescriptor", context, fn)
+
     def Revoke(self, request: kbs_pb2.RevokeRequest, context: grpc.ServicerContext) -> Any:
         def fn(owner: str | None, client: str) -> kbs_pb2.RevokeResponse:
             return kbs_pb2.RevokeResponse(
@@ -241,4 +263,4 @@ class KeyBrokerService(kbs_pb2_grpc.KeyBrokerServicer):
                          lambda o, c: kbs_pb2.AuditCheckpointResponse(checkpoint=self.broker.audit_checkpoint(o)))  # fmt: skip
 
 
-__all__ = ["KeyBrokerService", "client_key", "owner_identity"]
+__all__ = ["KeyBrokerService", "client_key", "owner_certificate", "owner_identity"]

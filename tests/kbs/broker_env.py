@@ -133,7 +133,8 @@ class Harness:
 
     def __init__(self, *, env: str = "dev", pki: PKI, rate_limit: tuple[float, int] | None = None,
                  challenge_ttl: float = 1.0, audit: Any = None, admins: frozenset[str] = frozenset(),
-                 secrets: dict[tuple[str, str], bytes] | None = None) -> None:  # fmt: skip
+                 secrets: dict[tuple[str, str], bytes] | None = None,
+                 require_owner_signature: bool = False) -> None:  # fmt: skip
         self.pki, self.clock = pki, Clock()
         if audit is None:
             self.audit_dir = Path(tempfile.mkdtemp(prefix="kbs-test-audit-"))
@@ -143,7 +144,7 @@ class Harness:
         self.token_key, self.release_key = new_signing_key(), new_signing_key()
         trust = TrustConfig.production() if env == "prod" else DevRootOfTrust.for_process().trust_config()
         self.settings = BrokerSettings(env=env, issuer="test-kbs", audience="test-kbs", challenge_ttl=challenge_ttl,
-                                       admins=admins)  # fmt: skip
+                                       admins=admins, require_owner_signature=require_owner_signature)  # fmt: skip
         self.broker = Broker(self.settings, store=MemoryStore(), audit=self.audit, trust=trust,
                              token_key=self.token_key, release_key=self.release_key, clock=self.clock)  # fmt: skip
         limiter = (

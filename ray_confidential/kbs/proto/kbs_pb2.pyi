@@ -182,12 +182,16 @@ class GetDescriptorRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class DescriptorResponse(_message.Message):
-    __slots__ = ("descriptor", "signature")
+    __slots__ = ("descriptor", "signature", "owner_signature", "owner_certificate")
     DESCRIPTOR_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     descriptor: bytes
     signature: bytes
-    def __init__(self, descriptor: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    owner_signature: bytes
+    owner_certificate: bytes
+    def __init__(self, descriptor: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., owner_signature: _Optional[bytes] = ..., owner_certificate: _Optional[bytes] = ...) -> None: ...
 
 class CreateDomainRequest(_message.Message):
     __slots__ = ("name", "policy_json", "appraisal_json", "hpke_suite")
@@ -226,6 +230,16 @@ class RetireRequest(_message.Message):
     name: str
     version: int
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class SignDescriptorRequest(_message.Message):
+    __slots__ = ("name", "version", "signature")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    signature: bytes
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class RevokeRequest(_message.Message):
     __slots__ = ("kind", "value", "reason")

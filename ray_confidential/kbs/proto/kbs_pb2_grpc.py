@@ -99,6 +99,11 @@ class KeyBrokerStub:
                 request_serializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.RetireRequest.SerializeToString,
                 response_deserializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.DescriptorResponse.FromString,
                 _registered_method=True)
+        self.SignDescriptor = channel.unary_unary(
+                '/ray_confidential.kbs.v1.KeyBroker/SignDescriptor',
+                request_serializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.SignDescriptorRequest.SerializeToString,
+                response_deserializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.DescriptorResponse.FromString,
+                _registered_method=True)
         self.Revoke = channel.unary_unary(
                 '/ray_confidential.kbs.v1.KeyBroker/Revoke',
                 request_serializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.RevokeRequest.SerializeToString,
@@ -191,6 +196,14 @@ class KeyBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignDescriptor(self, request, context):
+        """The owner's signature of a key version's owner statement (docs/kbs.md "Owner signatures"), made
+        with the key of the caller's client certificate; the broker verifies, keeps and audits it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Revoke(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -266,6 +279,11 @@ def add_KeyBrokerServicer_to_server(servicer, server):
             'Retire': grpc.unary_unary_rpc_method_handler(
                     servicer.Retire,
                     request_deserializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.RetireRequest.FromString,
+                    response_serializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.DescriptorResponse.SerializeToString,
+            ),
+            'SignDescriptor': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignDescriptor,
+                    request_deserializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.SignDescriptorRequest.FromString,
                     response_serializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.DescriptorResponse.SerializeToString,
             ),
             'Revoke': grpc.unary_unary_rpc_method_handler(
@@ -602,6 +620,33 @@ class KeyBroker:
             target,
             '/ray_confidential.kbs.v1.KeyBroker/Retire',
             ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.RetireRequest.SerializeToString,
+            ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.DescriptorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignDescriptor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ray_confidential.kbs.v1.KeyBroker/SignDescriptor',
+            ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.SignDescriptorRequest.SerializeToString,
             ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.DescriptorResponse.FromString,
             options,
             channel_credentials,
