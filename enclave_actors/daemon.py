@@ -153,6 +153,13 @@ class _InputCache:
             os.close(fd)
 
 
+_WORKER_ENV = {"MIMALLOC_PURGE_DELAY": "1000", **os.environ}
+"""Workers keep freed pages of Arrow's allocator (mimalloc) for 1 s instead of 10 ms: a large input
+decrypts into pages the previous call freed instead of faulting in fresh zeroed ones (about 2 ms per
+64 MiB when calls are more than 10 ms apart; benchmarks/executor.py). The pages stay inside the
+worker, which serves one (domains, bundle) pair only."""
+
+
 class _Worker:
     """One worker subprocess and its socket (owned by the daemon)."""
 
@@ -163,6 +170,7 @@ class _Worker:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "enclave_actors.worker", str(child.fileno()), str(memory_limit)],
                 pass_fds=(child.fileno(),),
+                env=_WORKER_ENV,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
