@@ -2,6 +2,8 @@
 
     ray-confidential demo                       # local confidential demo on the embedded default
     ray-confidential open FILE [--out PATH]     # owner opens exported sealed bytes off-cluster
+    ray-confidential recipient new KEYFILE      # a result-recipient key pair (policy `recipients`)
+    ray-confidential open FILE --recipient-key KEYFILE   # a recipient opens a result sealed to it
     ray-confidential domain list | export NAME  # development domains in the per-user state dir
     ray-confidential evidence verify --tee ...  # verify TEE evidence (see --help)
 
@@ -64,7 +66,15 @@ def _cmd_open(args: argparse.Namespace) -> int:
         print(f"error: {path} is not a file", file=sys.stderr)
         return 2
     try:
-        value = open_sealed(path.read_bytes(), DevKeyService(args.state_dir))
+        if args.recipient_key:
+            from ray_confidential.sealed import open_as_recipient
+
+            value = open_as_recipient(path.read_bytes(), _load_recipient_key(Path(args.recipient_key)))
+        else:
+            value = open_sealed(path.read_bytes(), DevKeyService(args.state_dir))
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: unusable recipient key file {args.recipient_key}: {exc}", file=sys.stderr)
+        return 2
     except ConfidentialError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -72,6 +82,35 @@ def _cmd_open(args: argparse.Namespace) -> int:
     if args.out:
         _write(value, Path(args.out))
         print(f"wrote {args.out}")
+    return 0
+
+
+def _load_recipient_key(path: Path) -> Any:
+    from ray_confidential.crypto.hpke import PrivateKeyHandle
+
+    data = json.loads(path.read_text())
+    return PrivateKeyHandle(str(data["suite"]), bytes.fromhex(str(data["private_key"])))
+
+
+def _cmd_recipient(args: argparse.Namespace) -> int:
+    """Write a new recipient private key (mode 0600, never overwritten) and print its public half."""
+    import os
+
+    from ray_confidential.crypto import hpke
+
+    key = hpke.generate_private_key(args.suite)
+    body = json.dumps({"suite": key.suite, "private_key": key.export_private_bytes().hex()})
+    try:
+        fd = os.open(args.keyfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(f"error: {args.keyfile} exists; a recipient key is never overwritten", file=sys.stderr)
+        return 2
+    with os.fdopen(fd, "w") as f:
+        f.write(body)
+    public = key.public_key()
+    print(f"{public.suite}:{public.raw.hex()}")
+    print(f"private key in {args.keyfile} (mode 0600); list the line above in a domain policy's recipients",
+          file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -106,7 +145,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     opener.add_argument("file")
     opener.add_argument("--out", help="write the plaintext (Arrow IPC file, .npy, raw bytes or JSON)")
     opener.add_argument("--state-dir", help="development key state directory (default: per-user)")
+    opener.add_argument("--recipient-key", help="open as a policy-listed recipient with this key file "
+                        "(from `ray-confidential recipient new`)")  # fmt: skip
     opener.set_defaults(func=_cmd_open)
+
+    recipient = sub.add_parser("recipient", help="result-recipient keys (domain policy `recipients`)")
+    rsub = recipient.add_subparsers(dest="recipient_cmd", required=True)
+    new_key = rsub.add_parser("new", help="create a key file (0600) and print its public key 'suite:hex'")
+    new_key.add_argument("keyfile")
+    new_key.add_argument("--suite", default="x25519", choices=["x25519", "mlkem768-x25519"])
+    new_key.set_defaults(func=_cmd_recipient)
 
     domain = sub.add_parser("domain", help="development domains held in the per-user state directory")
     dsub = domain.add_subparsers(dest="domain_cmd", required=True)
