@@ -37,25 +37,24 @@ _CODES = {
 }
 
 
-def owner_identity(context: grpc.ServicerContext) -> str | None:
-    """RFC 4514 subject of the verified client certificate, or None (no mutual TLS)."""
+def _client_certificate(context: grpc.ServicerContext) -> x509.Certificate | None:
+    """The verified client certificate (mutual TLS), or None."""
     if context.peer_identities() is None:
         return None
     pems = context.auth_context().get("x509_pem_cert")
-    if not pems:
-        return None
-    cert = x509.load_pem_x509_certificate(pems[0])
-    return cert.subject.rfc4514_string()
+    return x509.load_pem_x509_certificate(pems[0]) if pems else None
+
+
+def owner_identity(context: grpc.ServicerContext) -> str | None:
+    """RFC 4514 subject of the verified client certificate, or None (no mutual TLS)."""
+    cert = _client_certificate(context)
+    return cert.subject.rfc4514_string() if cert is not None else None
 
 
 def owner_certificate(context: grpc.ServicerContext) -> bytes | None:
     """DER of the verified client certificate (the owner's, mutual TLS), or None."""
-    if context.peer_identities() is None:
-        return None
-    pems = context.auth_context().get("x509_pem_cert")
-    if not pems:
-        return None
-    return x509.load_pem_x509_certificate(pems[0]).public_bytes(serialization.Encoding.DER)
+    cert = _client_certificate(context)
+    return cert.public_bytes(serialization.Encoding.DER) if cert is not None else None
 
 
 def client_key(context: grpc.ServicerContext, owner: str | None) -> str:
