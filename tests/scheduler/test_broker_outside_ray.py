@@ -128,34 +128,35 @@ def env() -> Iterator[dict[str, Any]]:
     (folder / "kbs-client.yaml").write_text(
         f"target: {broker.target}\nrelease_public_key: {folder / 'release.pem'}\n"
     )
-    saved = {k: os.environ.get(k) for k in (KBS_ENV, STATEMENT_KEY_ENV, CLUSTER_ID_ENV)}
-    os.environ.update({KBS_ENV: str(folder / "kbs-client.yaml"), STATEMENT_KEY_ENV: str(folder / "statement.pem"),
-                       CLUSTER_ID_ENV: broker.cluster_id})  # fmt: skip
-    c = Cluster(initialize_head=True, head_node_args={"include_dashboard": False, "num_cpus": 1, "_system_config": {
-        "health_check_period_ms": 1000, "health_check_failure_threshold": 10}})  # fmt: skip
-    n: dict[str, Any] = {}
-    try:
-        n["A"] = add_tee_node(c, tee="sev-snp", pool="snp-eu", region="eu", broker=broker, **NODE)
-        n["C"] = add_tee_node(c, tee="sev-snp", pool="snp-az", region="eu", broker=broker, **NODE)
-        n["D"] = add_tee_node(c, tee="tdx", pool="tdx-eu", region="eu", broker=broker, **NODE)
-        n["X"] = add_tee_node(c, tee="sev-snp", pool="snp-x", region="eu", broker=LaunchVia(broker, proxy.address, folder),
-                              executor_args=("--broker-wait", "2", "--poll-interval", "0.5"), **NODE)  # fmt: skip
-        n["S"] = c.add_node(labels={TEE_LABEL: "sev-snp", POOL_LABEL: "snp-eu", REGION_LABEL: "eu"}, **NODE)
-        rc.init(address=c.address, placement_wait_s=2)
-        ids = {k: v.node_id for k, v in n.items()}
-        yield {"cluster": c, "id": ids, "nodes": n, "broker": broker, "owner": owner, "proxy": proxy}
-    finally:
-        rc.shutdown()
-        ray.shutdown()
-        stop_executors()
-        c.shutdown()
-        proxy.close()
-        broker.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    env_vars = {KBS_ENV: str(folder / "kbs-client.yaml"), STATEMENT_KEY_ENV: str(folder / "statement.pem"),
+                CLUSTER_ID_ENV: broker.cluster_id}  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:  # restored however the setup below ends
+        for k, v in env_vars.items():
+            mp.setenv(k, v)
+        c: Cluster | None = None
+        n: dict[str, Any] = {}
+        try:
+            c = Cluster(initialize_head=True, head_node_args={"include_dashboard": False, "num_cpus": 1,
+                        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 10}})  # fmt: skip
+            n["A"] = add_tee_node(c, tee="sev-snp", pool="snp-eu", region="eu", broker=broker, **NODE)
+            n["C"] = add_tee_node(c, tee="sev-snp", pool="snp-az", region="eu", broker=broker, **NODE)
+            n["D"] = add_tee_node(c, tee="tdx", pool="tdx-eu", region="eu", broker=broker, **NODE)
+            n["X"] = add_tee_node(c, tee="sev-snp", pool="snp-x", region="eu", broker=LaunchVia(broker, proxy.address, folder),
+                                  executor_args=("--broker-wait", "2", "--poll-interval", "0.5"), **NODE)  # fmt: skip
+            n["S"] = c.add_node(
+                labels={TEE_LABEL: "sev-snp", POOL_LABEL: "snp-eu", REGION_LABEL: "eu"}, **NODE
+            )
+            rc.init(address=c.address, placement_wait_s=2)
+            ids = {k: v.node_id for k, v in n.items()}
+            yield {"cluster": c, "id": ids, "nodes": n, "broker": broker, "owner": owner, "proxy": proxy}
+        finally:
+            rc.shutdown()
+            ray.shutdown()
+            stop_executors()
+            if c is not None:
+                c.shutdown()
+            proxy.close()
+            broker.stop()
 
 
 def _opened(env: dict[str, Any], ref: Any) -> Any:
