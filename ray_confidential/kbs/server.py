@@ -40,9 +40,8 @@ MAX_MESSAGE: Final = 4 << 20
 LOOPBACK_NAMES: Final = ("localhost",)
 DEFAULT_WORKERS: Final = 8
 CHANNEL_OPTIONS: Final = (("grpc.http2.bdp_probe", 0),)
-"""HTTP/2 options of both ends. Broker messages are small (at most a few KiB, evidence aside), so
-bandwidth-delay probing buys nothing; its PING frames cost the broker ~10% of its CPU per cached
-unwrap in wake-ups (docs/kbs.md "Benchmark")."""
+"""HTTP/2 options of both ends. Broker messages are small (a few KiB, evidence aside), so
+bandwidth-delay probing buys nothing; its PING frames only add wake-ups (docs/kbs.md "Benchmark")."""
 
 
 @dataclass(frozen=True, slots=True)
