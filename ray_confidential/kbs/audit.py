@@ -65,6 +65,8 @@ _FIELD_RE: Final = re.compile(r"\A[a-z_][a-z0-9_]{0,63}\Z")
 _HASH_RE: Final = re.compile(r"\A[0-9a-f]{64}\Z")
 _SIG_RE: Final = re.compile(r"\A[0-9a-f]{128}\Z")
 _TIME_RE: Final = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z\Z")
+_GOOD_FIELDS: set[str] = set()  # field names that passed the checks below (the broker uses ~20)
+_MAX_GOOD_FIELDS: Final = 1024
 
 
 class AuditLogError(ConfidentialError):
@@ -97,9 +99,12 @@ def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
 
 
 def _format_time(when: datetime) -> str:
+    """RFC 3339 UTC with microseconds (``_TIME_RE``); a UTC time skips the ``astimezone`` copy."""
     if not isinstance(when, datetime) or when.tzinfo is None:
         raise ValueError("audit times are timezone-aware datetimes, e.g. datetime.now(timezone.utc)")
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    u = when if when.tzinfo is timezone.utc else when.astimezone(timezone.utc)
+    return (f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:{u.second:02d}"
+            f".{u.microsecond:06d}Z")  # fmt: skip
 
 
 def _jsonable(name: str, value: Any, depth: int = 0) -> Any:
@@ -125,10 +130,37 @@ def _jsonable(name: str, value: Any, depth: int = 0) -> Any:
     )
 
 
-def _sign(key: ec.EllipticCurvePrivateKey, context: bytes, body: Mapping[str, Any]) -> str:
-    der = key.sign(context + canonical_json(body), ec.ECDSA(hashes.SHA256()))
+_ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())  # stateless: one instance for every signature
+
+
+def _sign_bytes(key: ec.EllipticCurvePrivateKey, context: bytes, encoded: bytes) -> str:
+    der = key.sign(context + encoded, _ECDSA_SHA256)
     r, s = decode_dss_signature(der)
     return (r.to_bytes(32, "big") + s.to_bytes(32, "big")).hex()
+
+
+def _sign(key: ec.EllipticCurvePrivateKey, context: bytes, body: Mapping[str, Any]) -> str:
+    return _sign_bytes(key, context, canonical_json(body))
+
+
+_SIG_SLOT: Final = secrets.token_hex(64)
+"""Stands in for a record's signature (128 hex digits, like a real one) so that one encoding gives
+both the signed body and the line (:func:`_encode_record`); random so no field value holds it."""
+_SIG_ITEM: Final = b',"sig":"' + _SIG_SLOT.encode() + b'"'
+
+
+def _encode_record(key: ec.EllipticCurvePrivateKey, body: Mapping[str, Any]) -> tuple[str, bytes]:
+    """``(sig, line)`` of a record body: ``line == canonical_json({**body, "sig": sig})`` and ``sig``
+    signs ``canonical_json(body)``, from one JSON encoding. With sorted keys the ``sig`` item is never
+    the first (``event`` and ``seq`` sort before it), so the body's encoding is the full encoding less
+    ``,"sig":"<slot>"``."""
+    full = canonical_json({**body, "sig": _SIG_SLOT})
+    at = full.find(_SIG_ITEM)
+    if at < 0 or full.count(_SIG_SLOT.encode()) != 1:  # cannot happen; never guess: encode twice
+        sig = _sign(key, _RECORD_CONTEXT, body)
+        return sig, canonical_json({**body, "sig": sig})
+    sig = _sign_bytes(key, _RECORD_CONTEXT, full[:at] + full[at + len(_SIG_ITEM) :])
+    return sig, full.replace(_SIG_SLOT.encode(), sig.encode())
 
 
 def _verify_sig(
@@ -137,7 +169,7 @@ def _verify_sig(
     raw = bytes.fromhex(sig)
     der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
     try:
-        public_key.verify(der, context + canonical_json(body), ec.ECDSA(hashes.SHA256()))
+        public_key.verify(der, context + canonical_json(body), _ECDSA_SHA256)
     except InvalidSignature:
         return False
     return True
@@ -545,8 +577,7 @@ class AuditLog:
             "event": event,
             "prev": self._head,
         }
-        sig = _sign(self._key, _RECORD_CONTEXT, body)
-        line = canonical_json({**body, "sig": sig})
+        sig, line = _encode_record(self._key, body)
         if len(line) >= MAX_LINE:
             raise ValueError(f"audit record of {len(line)} bytes exceeds {MAX_LINE}; log less detail")
         rec = AuditRecord(
@@ -558,9 +589,9 @@ class AuditLog:
         else:
             self._write(line + b"\n")
         self._next_seq += 1
-        self._head = rec.hash
+        self._head = head = rec.hash
         self._written = rec.seq
-        self._batch.last_seq, self._batch.head = rec.seq, rec.hash
+        self._batch.last_seq, self._batch.head = rec.seq, head
         return rec
 
     def _write(self, data: bytes) -> None:
@@ -625,8 +656,11 @@ class AuditLog:
         if not isinstance(event, str) or not _EVENT_RE.match(event) or event == GENESIS_EVENT:
             raise ValueError(f"invalid audit event name {event!r}; use e.g. 'release.granted'")
         for name in fields:
-            if name in RESERVED or not _FIELD_RE.match(name):
-                raise ValueError(f"invalid audit field name {name!r} (reserved: {sorted(RESERVED)})")
+            if name not in _GOOD_FIELDS:
+                if name in RESERVED or not _FIELD_RE.match(name):
+                    raise ValueError(f"invalid audit field name {name!r} (reserved: {sorted(RESERVED)})")
+                if len(_GOOD_FIELDS) < _MAX_GOOD_FIELDS:
+                    _GOOD_FIELDS.add(name)
         clean = {k: _jsonable(k, v) for k, v in fields.items()}
         with self._cond:
             if self._closed:

@@ -47,12 +47,15 @@ from ray_confidential.kbs import owner_sig
 from ray_confidential.kbs import record as rec_mod
 from ray_confidential.kbs.domains import appraisal_hash
 from ray_confidential.kbs.proto import kbs_pb2, kbs_pb2_grpc
-from ray_confidential.kbs.server import is_loopback, split_address
+from ray_confidential.kbs.server import CHANNEL_OPTIONS, is_loopback, split_address
 from ray_confidential.kbs.tokens import TokenClaims, jkt
 from ray_confidential.sealed.format import SealedHeader
 
 BACKOFF_BASE: Final = 0.1
 BACKOFF_MAX: Final = 2.0
+_CHANNEL_OPTIONS: Final = (*CHANNEL_OPTIONS, ("grpc.enable_retries", 0))
+"""gRPC's own (transparent) retries are off: :meth:`KBSClient._call` retries UNAVAILABLE itself, with
+a bounded backoff, and the retry layer costs every call a buffered copy of its messages."""
 T = TypeVar("T")
 
 
@@ -170,10 +173,10 @@ def open_channel(
             )
         if client_cert is not None:
             raise ValueError("client certificates need TLS: pass ca_cert")
-        return grpc.insecure_channel(target)
+        return grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
     creds = grpc.ssl_channel_credentials(root_certificates=ca_cert, private_key=client_key,
                                          certificate_chain=client_cert)  # fmt: skip
-    return grpc.secure_channel(target, creds)
+    return grpc.secure_channel(target, creds, options=_CHANNEL_OPTIONS)
 
 
 class KBSClient:

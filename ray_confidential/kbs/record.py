@@ -43,6 +43,7 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _PREFIX: Final = bytes([VERSION]) + _U32.pack(len(CONTEXT)) + CONTEXT
 _PREFIX_LEN: Final = len(_PREFIX)
+_ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())  # stateless: one instance for every signature
 
 
 def key_hash(public_key: hpke.PublicKey) -> bytes:
@@ -160,13 +161,13 @@ class ReleaseRecord:
 
 def sign(private_key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
     """ECDSA P-256 / SHA-256 (DER signature) by the broker's release key."""
-    return private_key.sign(data, ec.ECDSA(hashes.SHA256()))
+    return private_key.sign(data, _ECDSA_SHA256)
 
 
 def verify(public_key: ec.EllipticCurvePublicKey, data: bytes, signature: bytes) -> None:
     """Raises KeyReleaseDenied unless ``signature`` is the pinned release key's over ``data``."""
     try:
-        public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        public_key.verify(signature, data, _ECDSA_SHA256)
     except InvalidSignature:
         raise KeyReleaseDenied("broker response is not signed by the pinned release key") from None
 

@@ -39,6 +39,9 @@ log = logging.getLogger("ray_confidential.kbs")
 MAX_MESSAGE: Final = 4 << 20
 LOOPBACK_NAMES: Final = ("localhost",)
 DEFAULT_WORKERS: Final = 8
+CHANNEL_OPTIONS: Final = (("grpc.http2.bdp_probe", 0),)
+"""HTTP/2 options of both ends. Broker messages are small (a few KiB, evidence aside), so
+bandwidth-delay probing buys nothing; its PING frames only add wake-ups (docs/kbs.md "Benchmark")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +118,11 @@ class KBSServer:
         self.health = health.HealthServicer()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kbs"),
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.so_reuseport", 0),
+                *CHANNEL_OPTIONS,
+            ],
         )
         kbs_pb2_grpc.add_KeyBrokerServicer_to_server(  # type: ignore[no-untyped-call]
             KeyBrokerService(broker, limiter=limiter, secrets=secrets, dev_owner=dev_owner, feed=feed),
@@ -174,4 +181,4 @@ class KBSServer:
         signal.signal(signal.SIGINT, handler)
 
 
-__all__ = ["DEFAULT_WORKERS", "KBSServer", "TLSFiles", "is_loopback", "split_address"]
+__all__ = ["CHANNEL_OPTIONS", "DEFAULT_WORKERS", "KBSServer", "TLSFiles", "is_loopback", "split_address"]

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ray_confidential.errors import ConfidentialError
+from ray_confidential.kbs import audit as audit_mod
 from ray_confidential.kbs import audit_cli
 from ray_confidential.kbs.audit import (
     AuditLog,
@@ -97,6 +98,37 @@ def test_append_returns_the_record_written(log_path: Path) -> None:
         assert rec.line == lines(log_path)[-1] and rec.seq == 1 and rec.time == "2025-06-01T12:00:00.000000Z"
         assert rec.fields == {"domain": "bank", "reason": "measurement mismatch", "tags": ["a", 1]}
         assert parse_record(rec.line).hash == rec.hash
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"nested": {"sig": "0" * 128, "a": [1, {"sig": "x"}]}},  # a nested "sig" key
+        {"reason": ',"sig":"' + "0" * 128 + '"', "zz": "after sig"},  # the item's text inside a value
+        {"reason": audit_mod._SIG_SLOT},  # the placeholder itself: the two-encoding path
+        {"reason": "x", "nested": {"k": audit_mod._SIG_SLOT}},
+    ],
+)
+def test_record_line_and_signed_body_from_one_encoding(log_path: Path, fields: dict[str, object]) -> None:
+    """The line is the canonical encoding of the signed body plus its sig, whatever the fields hold."""
+    with AuditLog(log_path, KEY, clock=ticking_clock()) as log:
+        rec = log.append("release.denied", **fields)  # type: ignore[arg-type]
+    obj = json.loads(rec.line)
+    assert canonical_json(obj) == rec.line and obj["sig"] == rec.sig
+    assert {k: obj[k] for k in fields} == fields
+    body = {k: v for k, v in obj.items() if k != "sig"}
+    assert audit_mod._verify_sig(PUB, audit_mod._RECORD_CONTEXT, body, rec.sig)
+    assert verify_log(log_path, PUB).records == 2
+
+
+def test_time_is_rfc3339_utc_whatever_the_zone(log_path: Path) -> None:
+    cet = timezone(timedelta(hours=1))
+    with AuditLog(log_path, KEY) as log:
+        a = log.append("x", time=datetime(2025, 1, 2, 0, 30, 0, 7, tzinfo=cet))
+        b = log.append("x", time=datetime(999, 12, 31, 23, 59, 59, tzinfo=timezone.utc))
+    assert a.time == "2025-01-01T23:30:00.000007Z"
+    assert b.time == "0999-12-31T23:59:59.000000Z"  # four digits, as parse_record requires
+    assert verify_log(log_path, PUB).records == 3
 
 
 @pytest.mark.parametrize(
