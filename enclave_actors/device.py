@@ -164,7 +164,10 @@ def request_evidence(path: str, binding: Binding, *, timeout: float = 10.0) -> E
         conn.settimeout(timeout)
         try:
             conn.connect(path)
-            _send(conn, binding.encode())
+            try:
+                _send(conn, binding.encode())
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a device that refuses this process may answer and close before reading: read it
             reply = json.loads(_recv(conn, MAX_RESPONSE))
         except (OSError, ValueError) as exc:
             raise AttestationError(f"attestation device unavailable: {exc}") from None
