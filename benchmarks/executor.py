@@ -7,9 +7,10 @@ Side by side in one run, on one simulated sev-snp node of a local Cluster: small
 latency p50/p99 of submit + get, keys cached) and 64 MiB sealed Arrow inputs (throughput). Both the
 confidential and the plain task run the same function, which reads its whole input (sum of a column),
 so the plain task pays for touching its data too. Keys come from the embedded broker over gRPC, cached
-after the first call (no broker round trip per call). The
-decryption rate d (AES-256-GCM decrypt_into, as in benchmarks/object_store.py) is measured in the same
-run so that the 64 MiB figure can be compared "beyond the cost of decryption itself".
+after the first call (no broker round trip per call). The decryption rate d (AES-256-GCM
+decrypt_into, as in benchmarks/object_store.py; the best of two measurements, before and after the
+calls) is measured in the same run so that the 64 MiB figure can be compared "beyond the cost of
+decryption itself".
 Goals (issue 5): <= 0.5 ms added at p50 for small inputs; >= 0.8x plain throughput beyond decryption.
 
 The confidential and plain calls alternate, so both see the same load on a shared machine. The
@@ -96,7 +97,7 @@ def decrypt_rate(size: int) -> float:
     stream.encrypt_segments(key, prefix, aad, [memoryview(data)], size, 4 * MiB, memoryview(sealed))
     out = bytearray(size)
     best = min(_time(lambda: stream.decrypt_into(key, prefix, aad, memoryview(sealed), size, 4 * MiB,
-                                                 memoryview(out)), 5))  # fmt: skip
+                                                 memoryview(out)), 10))  # fmt: skip
     return size / best / MiB
 
 
@@ -141,9 +142,12 @@ def main() -> int:
             sref, pref = rc.put(table, domain="bench"), ray.put(table)
             first_conf += _time(lambda s=sref: rc.get(confidential_total.remote(s)), 1)
             first_plain += _time(lambda p=pref: ray.get(plain_total.remote(p)), 1)
+        d_before = decrypt_rate(64 * MiB)
         conf, plain = _interleaved(lambda: rc.get(confidential_total.remote(sref)),
                                    lambda: ray.get(plain_total.remote(pref)), n_big)  # fmt: skip
-        d = decrypt_rate(64 * MiB)
+        # The best rate of two measurements around the calls: the smallest decryption time this
+        # machine achieved, so the figure "beyond decryption" never credits a slow measurement.
+        d = max(d_before, decrypt_rate(64 * MiB))
         size = 64
 
         def figures(conf: list[float], plain: list[float]) -> dict[str, float]:

@@ -311,7 +311,10 @@ def _object_ref(ref: Any) -> ray.ObjectRef[Any]:
 
 def _payloads(refs: Sequence[Any], timeout: float | None) -> list[Any]:
     """The sealed bytes behind ``refs``: one ``ray.get`` for all of them (then one per nested ref)."""
-    values = ray.get([_object_ref(r) for r in refs], timeout=timeout)
+    if len(refs) == 1:  # one ref: Ray's single-object get, as before lists were accepted
+        values = [ray.get(_object_ref(refs[0]), timeout=timeout)]
+    else:
+        values = ray.get([_object_ref(r) for r in refs], timeout=timeout)
     out = []
     for value in values:
         if isinstance(value, SealedRef):
