@@ -121,6 +121,7 @@ def run_executor(args: argparse.Namespace) -> int:
             lambda: launch.connect(timeout=min(5.0, max(0.5, args.broker_wait))),
             facts=facts,
             evidence=lambda binding: request_evidence(device_path, binding),
+            owner_ca=launch.owner_ca,
         )
     except ValueError as exc:
         print(f"executor: {exc}", file=sys.stderr)

@@ -138,6 +138,8 @@ class LaunchData:
         release_public_key: PEM of the broker's release key (pinned).
         ca_cert: PEM CA of the broker's TLS certificate; None only for a loopback development broker.
         cluster_id: this cluster's identity, bound into evidence.
+        owner_ca: PEM of the domain owners' CA: when set, the executor uses a domain only if its
+            descriptor carries its owner's signature under that CA (docs/kbs.md "Owner signatures").
         dev_roots: ``DevRootOfTrust.to_launch_data()`` bytes (simulation only: enables the simulated
             attestation device), or None on hardware.
     """
@@ -147,6 +149,7 @@ class LaunchData:
     ca_cert: bytes | None = field(default=None, repr=False)
     cluster_id: str = "dev"
     dev_roots: bytes | None = field(default=None, repr=False)
+    owner_ca: bytes | None = field(default=None, repr=False)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> LaunchData:
@@ -166,6 +169,7 @@ class LaunchData:
                 ca_cert=str(data["ca_cert"]).encode() if data.get("ca_cert") else None,
                 cluster_id=str(data.get("cluster_id", "dev")),
                 dev_roots=bytes.fromhex(data["dev_roots"]) if data.get("dev_roots") else None,
+                owner_ca=str(data["owner_ca"]).encode() if data.get("owner_ca") else None,
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise ValueError(f"launch data {path} is malformed: {exc}") from None
@@ -191,6 +195,8 @@ class KBSKeyReleaser:
         facts: this node's identity.
         evidence: returns evidence for a binding (the attestation device).
         clock: for the descriptor cache.
+        owner_ca: pin the domain owners' CA: a domain whose descriptor lacks a valid owner signature
+            under it is refused (``LaunchData.owner_ca``).
     """
 
     def __init__(
@@ -201,7 +207,9 @@ class KBSKeyReleaser:
         evidence: Callable[[Binding], Evidence],
         descriptor_ttl: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        owner_ca: bytes | None = None,
     ) -> None:
+        self._owner_ca = owner_ca
         self._connect = connect
         self._client = connect()
         self._facts = facts
@@ -339,7 +347,7 @@ class KBSKeyReleaser:
         if cached is not None and cached[1] > now:
             return DomainInfo(descriptor=cached[0], policy=None)
         try:
-            desc: DomainDescriptor = self._run(lambda c: c.descriptor(name))
+            desc: DomainDescriptor = self._run(lambda c: c.descriptor(name, owner_ca=self._owner_ca))
         except BrokerRefusedError as exc:
             raise KeyReleaseDenied(f"unknown domain {name!r} at the key broker ({exc.code})") from None
         with self._lock:

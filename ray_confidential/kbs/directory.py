@@ -10,6 +10,11 @@ off-cluster.
     target: kbs.example.com:8443
     ca_cert: /etc/ray-confidential/kbs-ca.pem          # omit only for a development broker on 127.0.0.1
     release_public_key: /etc/ray-confidential/kbs-release.pem
+    owner_ca: /etc/ray-confidential/owner-ca.pem       # optional: seal only to owner-signed domain keys
+
+With ``owner_ca``, every descriptor must also carry its owner's signature under that CA (docs/kbs.md
+"Owner signatures"): data is then sealed only to a key and policy the domain's owner signed, not
+merely to what the broker serves.
 """
 
 from __future__ import annotations
@@ -32,8 +37,15 @@ DESCRIPTOR_TTL_S = 30.0
 class BrokerDirectory:
     """``KeyService`` over a broker's signed descriptors: seals, never opens."""
 
-    def __init__(self, client: Any, *, feed_source: tuple[str, bytes | None] | None = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        feed_source: tuple[str, bytes | None] | None = None,
+        owner_ca: bytes | None = None,
+    ) -> None:
         self._client = client
+        self._owner_ca = owner_ca
         self.feed_source = feed_source
         """``(target, CA PEM)`` of the broker's statement feed: the cluster's trust registry follows it."""
         self._cache: dict[tuple[str, int | None], tuple[float, DomainDescriptor]] = {}
@@ -47,21 +59,22 @@ class BrokerDirectory:
         raw = yaml.safe_load(Path(path).read_text())
         if not isinstance(raw, dict) or not isinstance(raw.get("target"), str):
             raise ValueError(f"{path}: needs 'target: HOST:PORT' and 'release_public_key: PEM file'")
-        unknown = set(raw) - {"target", "ca_cert", "release_public_key", "timeout_s"}
+        unknown = set(raw) - {"target", "ca_cert", "release_public_key", "timeout_s", "owner_ca"}
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
         try:
             release_key = Path(raw["release_public_key"]).read_bytes()
             ca_cert = Path(raw["ca_cert"]).read_bytes() if raw.get("ca_cert") else None
+            owner_ca = Path(raw["owner_ca"]).read_bytes() if raw.get("owner_ca") else None
         except (KeyError, TypeError, OSError) as exc:
-            raise ValueError(f"{path}: cannot read release_public_key / ca_cert: {exc}") from exc
+            raise ValueError(f"{path}: cannot read release_public_key / ca_cert / owner_ca: {exc}") from exc
         client = KBSClient(
             raw["target"],
             release_public_key=release_key,
             ca_cert=ca_cert,
             timeout=float(raw.get("timeout_s", 5.0)),
         )
-        return cls(client, feed_source=(raw["target"], ca_cert))
+        return cls(client, feed_source=(raw["target"], ca_cert), owner_ca=owner_ca)
 
     def descriptor(self, domain: str, version: int | None = None) -> DomainDescriptor:
         """The broker-signed descriptor (cached for 30 s). Raises ValueError for an unknown domain."""
@@ -71,8 +84,12 @@ class BrokerDirectory:
             hit = self._cache.get(key)
             if hit is not None and now - hit[0] < DESCRIPTOR_TTL_S:
                 return hit[1]
+        from ray_confidential.kbs.owner_sig import OwnerSignatureError
+
         try:
-            desc: DomainDescriptor = self._client.descriptor(domain, version)
+            desc: DomainDescriptor = self._client.descriptor(domain, version, owner_ca=self._owner_ca)
+        except OwnerSignatureError:
+            raise  # the domain exists; its owner has not signed what the broker serves
         except KeyReleaseDenied as exc:
             raise ValueError(f"unknown domain {domain!r} at the key broker ({exc})") from exc
         with self._lock:

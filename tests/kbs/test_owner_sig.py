@@ -525,3 +525,70 @@ def test_registry_refuses_a_certificate_of_another_subject_than_the_owner(pki: P
         reg.sign(owner="CN=owner-a", name="hospital", version=1, certificate=cert_b,
                  signature=owner_sig.sign_statement(_owner_key(pki, "owner-b"), statement))  # fmt: skip
     assert not reg.signed(reg.get("hospital"), 1)  # type: ignore[arg-type]
+
+
+# ---- drivers and executors that pin the owner CA ------------------------------------------------
+
+
+def test_a_driver_pinning_the_owner_ca_seals_only_to_owner_signed_keys(
+    h: Harness, pki: PKI, tmp_path: Path
+) -> None:
+    """``owner_ca:`` in kbs-client.yaml (rc.init row 4): the driver's directory refuses a domain whose
+    owner has not signed what the broker serves, and serves it once the owner signed."""
+    from ray_confidential.kbs.directory import BrokerDirectory
+
+    owner = h.client("owner-a")
+    owner.create_domain("hospital", POLICY, sign=False)
+    (tmp_path / "ca.pem").write_bytes(pki.ca_pem)
+    (tmp_path / "release.pem").write_bytes(h.release_pem)
+    base = f"target: {h.target}\nca_cert: {tmp_path / 'ca.pem'}\nrelease_public_key: {tmp_path / 'release.pem'}\n"
+    (tmp_path / "plain.yaml").write_text(base)
+    (tmp_path / "pinned.yaml").write_text(base + f"owner_ca: {tmp_path / 'ca.pem'}\n")
+    assert BrokerDirectory.from_file(tmp_path / "plain.yaml").descriptor("hospital").version == 1
+    pinned = BrokerDirectory.from_file(tmp_path / "pinned.yaml")
+    with pytest.raises(OwnerSignatureError, match="carries no owner signature"):
+        pinned.descriptor("hospital")  # not "unknown domain": the domain exists, unsigned
+    owner.sign_descriptor("hospital", 1, policy=POLICY)
+    assert pinned.descriptor("hospital").version == 1
+    with pytest.raises(ValueError, match="unknown domain 'nope'"):
+        pinned.descriptor("nope")
+
+
+def test_an_executor_pinning_the_owner_ca_uses_only_owner_signed_domains(h: Harness, pki: PKI) -> None:
+    """``owner_ca`` in the executor's launch data: its releaser refuses an unsigned domain (so the
+    call is refused, ``denied``) and accepts it once signed."""
+    from enclave_actors.keys import KBSKeyReleaser, NodeFacts
+
+    owner = h.client("owner-a")
+    owner.create_domain("hospital", POLICY, sign=False)
+
+    def evidence(binding: Any) -> Any:
+        raise AssertionError("domain lookups need no evidence")
+
+    facts = NodeFacts(tee="tdx", node_id="n" * 56, cluster_id="dev")
+    pinned = KBSKeyReleaser(lambda: h.client(), facts=facts, evidence=evidence, owner_ca=pki.ca_pem)
+    plain = KBSKeyReleaser(lambda: h.client(), facts=facts, evidence=evidence)
+    try:
+        assert plain.domain("hospital").descriptor.version == 1
+        with pytest.raises(OwnerSignatureError):
+            pinned.domain("hospital")
+        owner.sign_descriptor("hospital", 1, policy=POLICY)
+        assert pinned.domain("hospital").descriptor.version == 1
+    finally:
+        pinned.close()
+        plain.close()
+
+
+def test_launch_data_carries_the_owner_ca(tmp_path: Path, pki: PKI) -> None:
+    import os
+
+    from enclave_actors.keys import LaunchData
+
+    path = tmp_path / "launch.json"
+    path.write_text(
+        json.dumps({"target": "127.0.0.1:1", "release_public_key": "PEM", "owner_ca": pki.ca_pem.decode()})
+    )
+    os.chmod(path, 0o600)
+    assert LaunchData.from_file(path).owner_ca == pki.ca_pem
+    path.write_text(json.dumps({"target": "127.0.0.1:1", "release_public_key": "PEM"}))
+    assert LaunchData.from_file(path).owner_ca is None
