@@ -59,22 +59,24 @@ def _write(value: Any, out: Path) -> None:
 def _cmd_open(args: argparse.Namespace) -> int:
     from ray_confidential.errors import ConfidentialError
     from ray_confidential.keyservice import DevKeyService
-    from ray_confidential.sealed import open_sealed
+    from ray_confidential.sealed import open_as_recipient, open_sealed
 
     path = Path(args.file)
     if not path.is_file():
         print(f"error: {path} is not a file", file=sys.stderr)
         return 2
+    recipient_key = None
+    if args.recipient_key:
+        try:
+            recipient_key = _load_recipient_key(Path(args.recipient_key))
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"error: unusable recipient key file {args.recipient_key}: {exc}", file=sys.stderr)
+            return 2
     try:
-        if args.recipient_key:
-            from ray_confidential.sealed import open_as_recipient
-
-            value = open_as_recipient(path.read_bytes(), _load_recipient_key(Path(args.recipient_key)))
+        if recipient_key is not None:
+            value = open_as_recipient(path.read_bytes(), recipient_key)
         else:
             value = open_sealed(path.read_bytes(), DevKeyService(args.state_dir))
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"error: unusable recipient key file {args.recipient_key}: {exc}", file=sys.stderr)
-        return 2
     except ConfidentialError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

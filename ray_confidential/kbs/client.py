@@ -404,11 +404,7 @@ class KBSClient:
 
     @staticmethod
     def _from_verified(d: Mapping[str, Any]) -> DomainDescriptor:
-        return DomainDescriptor(name=d["name"], version=int(d["version"]),
-                                public_key=hpke.PublicKey(d["suite"], bytes.fromhex(d["public_key"])),
-                                policy_hash=d["policy_hash"], allow_pickle=bool(d["allow_pickle"]),
-                                seal_arguments=bool(d.get("seal_arguments", False)),
-                                recipients=tuple(str(r) for r in d.get("recipients") or ()))  # fmt: skip
+        return DomainDescriptor.from_dict(d)  # the signed body carries the descriptor's fields
 
     def descriptor(
         self, name: str, version: int | None = None, *, owner_ca: bytes | None = None

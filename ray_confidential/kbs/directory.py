@@ -29,6 +29,7 @@ import yaml
 
 from ray_confidential.domains import DomainDescriptor
 from ray_confidential.errors import KeyReleaseDenied
+from ray_confidential.kbs.owner_sig import OwnerSignatureError
 
 KBS_ENV = "RAY_CONFIDENTIAL_KBS"
 DESCRIPTOR_TTL_S = 30.0
@@ -84,8 +85,6 @@ class BrokerDirectory:
             hit = self._cache.get(key)
             if hit is not None and now - hit[0] < DESCRIPTOR_TTL_S:
                 return hit[1]
-        from ray_confidential.kbs.owner_sig import OwnerSignatureError
-
         try:
             desc: DomainDescriptor = self._client.descriptor(domain, version, owner_ca=self._owner_ca)
         except OwnerSignatureError:
