@@ -105,6 +105,24 @@ class UnwrapRequest(_message.Message):
     executor_public_key: bytes
     def __init__(self, token: _Optional[str] = ..., header: _Optional[bytes] = ..., request_nonce: _Optional[bytes] = ..., hpke_suite: _Optional[str] = ..., executor_public_key: _Optional[bytes] = ...) -> None: ...
 
+class UnwrapManyRequest(_message.Message):
+    __slots__ = ("token", "hpke_suite", "executor_public_key", "items")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HPKE_SUITE_FIELD_NUMBER: _ClassVar[int]
+    EXECUTOR_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    hpke_suite: str
+    executor_public_key: bytes
+    items: _containers.RepeatedCompositeFieldContainer[UnwrapItem]
+    def __init__(self, token: _Optional[str] = ..., hpke_suite: _Optional[str] = ..., executor_public_key: _Optional[bytes] = ..., items: _Optional[_Iterable[_Union[UnwrapItem, _Mapping]]] = ...) -> None: ...
+
+class UnwrapManyResponse(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[KeyResponse]
+    def __init__(self, keys: _Optional[_Iterable[_Union[KeyResponse, _Mapping]]] = ...) -> None: ...
+
 class ReleaseRequest(_message.Message):
     __slots__ = ("token", "domain", "name", "request_nonce", "hpke_suite", "executor_public_key")
     TOKEN_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,11 @@ class KeyBrokerStub:
                 request_serializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.UnwrapRequest.SerializeToString,
                 response_deserializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.KeyResponse.FromString,
                 _registered_method=True)
+        self.UnwrapMany = channel.unary_unary(
+                '/ray_confidential.kbs.v1.KeyBroker/UnwrapMany',
+                request_serializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.UnwrapManyRequest.SerializeToString,
+                response_deserializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.UnwrapManyResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/ray_confidential.kbs.v1.KeyBroker/Release',
                 request_serializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.ReleaseRequest.SerializeToString,
@@ -134,6 +139,15 @@ class KeyBrokerServicer:
 
     def Unwrap(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnwrapMany(self, request, context):
+        """Many objects under one token in one call (at most 64): every check of Unwrap runs and is audited
+        per object, all or nothing (one refused object refuses the whole call and returns no key); the
+        answer holds one KeyResponse per item, in order, each exactly as Unwrap answers it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -235,6 +249,11 @@ def add_KeyBrokerServicer_to_server(servicer, server):
                     servicer.Unwrap,
                     request_deserializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.UnwrapRequest.FromString,
                     response_serializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.KeyResponse.SerializeToString,
+            ),
+            'UnwrapMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnwrapMany,
+                    request_deserializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.UnwrapManyRequest.FromString,
+                    response_serializer=ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.UnwrapManyResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -378,6 +397,33 @@ class KeyBroker:
             '/ray_confidential.kbs.v1.KeyBroker/Unwrap',
             ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.UnwrapRequest.SerializeToString,
             ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.KeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnwrapMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ray_confidential.kbs.v1.KeyBroker/UnwrapMany',
+            ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.UnwrapManyRequest.SerializeToString,
+            ray__confidential_dot_kbs_dot_proto_dot_kbs__pb2.UnwrapManyResponse.FromString,
             options,
             channel_credentials,
             insecure,
