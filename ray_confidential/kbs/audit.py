@@ -19,7 +19,8 @@ naming ``log_id`` and ``key_id``), ``time`` (RFC 3339 UTC), ``event``, the calle
 (SHA-256 of the previous line, hex) and ``sig`` (ECDSA P-256/SHA-256 over a context string and the
 canonical record without ``sig``; hex of r || s). A line's hash is SHA-256 of its bytes.
 
-:meth:`AuditLog.append` returns only once the record is on stable storage (fsync). A checkpoint is a
+:meth:`AuditLog.append` returns only once the record is on stable storage (fsync);
+:meth:`AuditLog.append_many` appends consecutive records and waits for durability once. A checkpoint is a
 signed statement ``{log_id, seq, head, time, key_id}`` that the owner keeps away from the broker.
 
 What verification does NOT prove: that nothing was removed from the tail after the last checkpoint
@@ -36,7 +37,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -440,6 +441,19 @@ def verify_log(
     )
 
 
+def _clean_fields(event: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Check an appended record's event and field names; fields as JSON values (bytes as hex)."""
+    if not isinstance(event, str) or not _EVENT_RE.match(event) or event == GENESIS_EVENT:
+        raise ValueError(f"invalid audit event name {event!r}; use e.g. 'release.granted'")
+    for name in fields:
+        if name not in _GOOD_FIELDS:
+            if not isinstance(name, str) or name in RESERVED or not _FIELD_RE.match(name):
+                raise ValueError(f"invalid audit field name {name!r} (reserved: {sorted(RESERVED)})")
+            if len(_GOOD_FIELDS) < _MAX_GOOD_FIELDS:
+                _GOOD_FIELDS.add(name)
+    return {k: _jsonable(k, v) for k, v in fields.items()}
+
+
 class _Batch:
     """Records that share one write and one fdatasync under group commit. ``lines`` are appended
     under ``AuditLog._cond``; ``done`` is set once they are durable (or ``error`` says why not)."""
@@ -568,31 +582,45 @@ class AuditLog:
         return self._public
 
     def _append_locked(self, event: str, fields: Mapping[str, Any], when: datetime | None) -> AuditRecord:
-        """Sign and chain the next record. Without group commit it is written here; with group commit
-        its line joins the open batch, which that batch's leader writes (see :meth:`_commit`)."""
+        """Sign and chain the next record (:meth:`_encode_locked`, :meth:`_push_locked`)."""
+        rec = self._encode_locked(event, fields, when, self._next_seq, self._head)
+        self._push_locked((rec,), rec.hash)
+        return rec
+
+    def _encode_locked(
+        self, event: str, fields: Mapping[str, Any], when: datetime | None, seq: int, prev: str
+    ) -> AuditRecord:
+        """Sign record ``seq`` chained to ``prev``; changes nothing, so a refused record (too long)
+        leaves the log as it was."""
         body = {
             **fields,
-            "seq": self._next_seq,
+            "seq": seq,
             "time": _format_time(when or self._clock()),
             "event": event,
-            "prev": self._head,
+            "prev": prev,
         }
         sig, line = _encode_record(self._key, body)
         if len(line) >= MAX_LINE:
             raise ValueError(f"audit record of {len(line)} bytes exceeds {MAX_LINE}; log less detail")
-        rec = AuditRecord(
-            seq=body["seq"], time=body["time"], event=event, fields=MappingProxyType(dict(fields)),
-            prev=self._head, sig=sig, line=line,
+        return AuditRecord(
+            seq=seq, time=body["time"], event=event, fields=MappingProxyType(dict(fields)), prev=prev,
+            sig=sig, line=line,
         )  # fmt: skip
+
+    def _push_locked(self, recs: Sequence[AuditRecord], head: str) -> None:
+        """Chain ``recs`` (consecutive, encoded by :meth:`_encode_locked`; ``head`` is the hash of the
+        last). Without group commit they are written here, with one ``write``; with group commit their
+        lines join the open batch, which that batch's leader writes (see :meth:`_commit`)."""
+        lines = [rec.line + b"\n" for rec in recs]
         if self._group and self._durable >= 0:
-            self._batch.lines.append(line + b"\n")
+            self._batch.lines.extend(lines)
         else:
-            self._write(line + b"\n")
-        self._next_seq += 1
-        self._head = head = rec.hash
-        self._written = rec.seq
-        self._batch.last_seq, self._batch.head = rec.seq, head
-        return rec
+            self._write(b"".join(lines))
+        last = recs[-1].seq
+        self._next_seq = last + 1
+        self._head = head
+        self._written = last
+        self._batch.last_seq, self._batch.head = last, head
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -653,34 +681,53 @@ class AuditLog:
             ValueError/TypeError: a bad event name, field name or value.
             AuditLogError: the log failed earlier or fails now (then no later append succeeds either).
         """
-        if not isinstance(event, str) or not _EVENT_RE.match(event) or event == GENESIS_EVENT:
-            raise ValueError(f"invalid audit event name {event!r}; use e.g. 'release.granted'")
-        for name in fields:
-            if name not in _GOOD_FIELDS:
-                if name in RESERVED or not _FIELD_RE.match(name):
-                    raise ValueError(f"invalid audit field name {name!r} (reserved: {sorted(RESERVED)})")
-                if len(_GOOD_FIELDS) < _MAX_GOOD_FIELDS:
-                    _GOOD_FIELDS.add(name)
-        clean = {k: _jsonable(k, v) for k, v in fields.items()}
+        return self.append_many(((event, fields),), time=time)[0]
+
+    def append_many(
+        self, records: Sequence[tuple[str, Mapping[str, Any]]], *, time: datetime | None = None
+    ) -> list[AuditRecord]:
+        """Append ``(event, fields)`` records as consecutive records and return them once all are
+        durable: they join one group-commit batch (without group commit: one ``write`` and one fsync),
+        so the caller waits for durability once. Every record is validated, signed and chained as by
+        :meth:`append`; if any is refused, none is appended.
+
+        Args:
+            records: ``(event, fields)`` pairs, as :meth:`append`'s ``event`` and ``**fields``.
+            time: the records' time (timezone-aware); default: the log's clock, read per record.
+
+        Raises:
+            ValueError/TypeError: a bad event name, field name or value (nothing appended).
+            AuditLogError: the log failed earlier or fails now; then none of ``records`` is reported
+                durable (and no later append succeeds either).
+        """
+        clean = [(event, _clean_fields(event, fields)) for event, fields in records]
+        if not clean:
+            return []
         with self._cond:
             if self._closed:
                 raise ValueError("AuditLog is closed")
             if self._failed:
                 raise AuditLogError(f"audit log {self._path}: {self._failed}")
-            rec = self._append_locked(event, clean, time)
+            recs: list[AuditRecord] = []
+            seq, head = self._next_seq, self._head
+            for event, fields in clean:  # encode all first: a refused record leaves the log as it was
+                rec = self._encode_locked(event, fields, time, seq, head)
+                recs.append(rec)
+                seq, head = seq + 1, rec.hash
+            self._push_locked(recs, head)
             if not self._group:
                 self._fsync()
-                self._durable = rec.seq
-                return rec
+                self._durable = recs[-1].seq
+                return recs
             batch = self._batch
-            lead = len(batch.lines) == 1
+            lead = len(batch.lines) == len(recs)  # ours are the batch's first lines: we write it
         if lead:
             self._commit(batch)
         else:
             batch.done.wait()
             if batch.error:
                 raise AuditLogError(batch.error)
-        return rec
+        return recs
 
     def checkpoint(self, *, time: datetime | None = None) -> bytes:
         """A signed statement of the current durable head, for the owner to keep elsewhere."""

@@ -583,3 +583,111 @@ def test_group_commit_interrupted_acknowledges_nothing(
     with pytest.raises(AuditLogError, match="commit interrupted"):
         log.append("release.granted")
     log.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# append_many: consecutive records, one durability wait
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_append_many_records_verify_in_order(
+    log_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: bool
+) -> None:
+    syncs = 0
+    real = os.fdatasync
+
+    def counting(fd: int) -> None:
+        nonlocal syncs
+        syncs += 1
+        real(fd)
+
+    log = AuditLog(log_path, KEY, group_commit=group, clock=ticking_clock())
+    monkeypatch.setattr(os, "fdatasync", counting)
+    recs = log.append_many(
+        [("unwrap", {"decision": "grant", "item": i, "nonce": bytes([i]) * 4}) for i in range(5)]
+    )
+    monkeypatch.undo()
+    assert syncs == 1, "one durability wait for the whole batch"
+    assert [r.seq for r in recs] == [1, 2, 3, 4, 5] and log._durable == 5
+    assert [r.prev for r in recs[1:]] == [r.hash for r in recs[:-1]]
+    assert recs[2].fields == {"decision": "grant", "item": 2, "nonce": "02020202"}
+    assert log.append_many([]) == []
+    log.append("after")
+    cp = log.checkpoint()
+    log.close()
+    assert [parse_record(line).seq for line in lines(log_path)] == list(range(7))
+    assert [parse_record(line).line for line in lines(log_path)[1:6]] == [r.line for r in recs]
+    assert verify_log(log_path, PUB, checkpoint=cp).records == 7
+    (tmp_path / "cp").write_bytes(cp)
+    (tmp_path / "audit.pub").write_bytes(PUB.public_bytes(serialization.Encoding.PEM,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+    code, out, _ = cli(["audit", "verify", str(log_path), "--public-key", str(tmp_path / "audit.pub"),
+                        "--checkpoint", str(tmp_path / "cp")])  # fmt: skip
+    assert code == 0, out
+
+
+def test_append_many_with_concurrent_single_appends(log_path: Path) -> None:
+    """Batches and single records from threads share group-commit batches: every batch stays
+    consecutive in the chain, every record is durable when its call returns, the log verifies."""
+    log = AuditLog(log_path, KEY, group_commit=True)
+    batches: list[list[int]] = []
+    seqs: list[int] = []
+    not_durable: list[int] = []
+
+    def singles(n: int) -> None:
+        for i in range(30):
+            rec = log.append("unwrap", thread=n, i=i)
+            if log._durable < rec.seq:
+                not_durable.append(rec.seq)
+            seqs.append(rec.seq)
+
+    def many(n: int) -> None:
+        for i in range(10):
+            recs = log.append_many([("unwrap", {"thread": n, "i": i, "item": k}) for k in range(4)])
+            if log._durable < recs[-1].seq:
+                not_durable.append(recs[-1].seq)
+            batches.append([r.seq for r in recs])
+            seqs.extend(r.seq for r in recs)
+
+    threads = [threading.Thread(target=fn, args=(n,)) for n, fn in enumerate([singles, many] * 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cp = log.checkpoint()
+    log.close()
+    total = 3 * 30 + 3 * 10 * 4
+    assert sorted(seqs) == list(range(1, total + 1)) and not not_durable
+    assert all(b == list(range(b[0], b[0] + 4)) for b in batches), "a batch's records are consecutive"
+    assert verify_log(log_path, PUB, checkpoint=cp).records == total + 1
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_append_many_refuses_all_or_nothing_on_a_bad_record(log_path: Path, group: bool) -> None:
+    with AuditLog(log_path, KEY, group_commit=group) as log:
+        with pytest.raises(ValueError, match="invalid audit field name"):
+            log.append_many([("unwrap", {"ok": 1}), ("unwrap", {"seq": 2})])
+        with pytest.raises(ValueError, match="exceeds"):  # found only when encoding, under the lock
+            log.append_many([("unwrap", {"ok": 1}), ("unwrap", {"blob": "x" * 70_000})])
+        assert log.append_many([("still.works", {})])[0].seq == 1
+    assert verify_log(log_path, PUB).records == 2
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_append_many_fsync_failure_reports_nothing_durable(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch, group: bool
+) -> None:
+    log = AuditLog(log_path, KEY, group_commit=group)
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    with pytest.raises(AuditLogError, match="fsync failed"):
+        log.append_many([("unwrap", {"i": 1}), ("unwrap", {"i": 2})])
+    monkeypatch.undo()
+    for attempt in (lambda: log.append_many([("unwrap", {"i": 3})]), lambda: log.append("unwrap")):
+        with pytest.raises(AuditLogError, match="fsync failed"):
+            attempt()
+    assert log._durable == 0
+    log.close()
