@@ -12,7 +12,9 @@ Unwrap checks, in order (docs/kbs.md "Unwrap"): (1) token signature, issuer, aud
 names the header's domain; (6) the domain exists; (7) the domain's release policy admits the token's
 bundle, TEE, measurement, pool and region; (8) nothing about the token is revoked; (9) the key version
 exists, is live and has the header's suite; (10) the DEK unwraps with info = header hash; (11) audit,
-sign the record, seal the DEK to the ``cnf`` key with info = record. Under
+sign the record, seal the DEK to the ``cnf`` key with info = record. ``unwrap_many`` (and
+``attest_and_unwrap``) runs (1)-(3) once and (4)-(10) for every object before it grants any: all or
+nothing; then (11) per object, with one audit durability wait for all the grants. Under
 ``require_owner_signature`` a domain serves tokens and releases only while a live key version has its
 owner's signature over the current policy, and a key version unwraps only while it has one itself
 (docs/kbs.md "Owner signatures").
@@ -27,7 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Final, Protocol
 
@@ -62,6 +64,8 @@ log = logging.getLogger("ray_confidential.kbs")
 REVOCATIONS_KEY: Final = "broker/revocations"
 MAX_ATTEST_UNWRAPS: Final = 16
 """Objects one Attest may unwrap with its new token (docs/kbs.md "Attest with unwrap")."""
+MAX_UNWRAP_ITEMS: Final = 64
+"""Objects one UnwrapMany may unwrap (docs/kbs.md "Batched unwraps")."""
 WIRE_CODES: Final = (
     "PERMISSION_DENIED",
     "NOT_FOUND",
@@ -82,7 +86,9 @@ class StatementListener(Protocol):
 
 class Auditor(Protocol):
     """What the broker needs from the audit log (``ray_confidential.kbs.audit.AuditLog``): ``append``
-    returns once the record is durable, and raises if it cannot be written (then nothing is released)."""
+    returns once the record is durable, and raises if it cannot be written (then nothing is released).
+    An auditor may also have ``append_many(records, *, time)`` (consecutive records, durable once it
+    returns, all or none: ``AuditLog.append_many``); without it the broker appends them one by one."""
 
     def append(self, event: str, **fields: Any) -> Any: ...
 
@@ -153,6 +159,16 @@ class AttestRequest:
     pool: str
     region: str
     domains: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Approved:
+    """A release that passed every check: what the grant step needs (``key`` is the DEK or secret)."""
+
+    release: rec_mod.ReleaseRecord
+    to: hpke.PublicKey
+    key: bytes = field(repr=False)
+    ctx: dict[str, Any]
 
 
 def tcb_label(claims: VerifiedClaims) -> str:
@@ -242,6 +258,16 @@ class Broker:
     def _record(self, event: str, **fields: Any) -> None:
         """Audit first: if the audit log cannot take the record, nothing is released."""
         self._audit.append(event, time=datetime.fromtimestamp(self._clock(), timezone.utc), **fields)
+
+    def _record_many(self, records: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+        """:meth:`_record` of several records, durable together before it returns (one wait)."""
+        when = datetime.fromtimestamp(self._clock(), timezone.utc)
+        many = getattr(self._audit, "append_many", None)
+        if len(records) > 1 and callable(many):
+            many(records, time=when)
+            return
+        for event, fields in records:
+            self._audit.append(event, time=when, **fields)
 
     def _deny(self, event: str, code: str, reason: str, **fields: Any) -> Denied:
         log.warning("%s denied (%s): %s %s", event, code, reason, fields)
@@ -340,18 +366,18 @@ class Broker:
     def attest_and_unwrap(
         self, req: AttestRequest, *, client: str, unwrap: Sequence[tuple[bytes, bytes]]
     ) -> tuple[str, TokenClaims, list[KeyResponse]]:
-        """:meth:`attest`, then :meth:`unwrap` of each ``(header, request_nonce)`` with the new token
-        and the attested key: every Unwrap check runs and is audited per object, as if the executor
-        had sent each Unwrap itself; it only saves that round trip. Raises :class:`Denied` at the
-        first refusal (the token is then not returned)."""
+        """:meth:`attest`, then :meth:`unwrap_many` of the ``(header, request_nonce)`` items with the
+        new token and the attested key: every Unwrap check runs and is audited per object, as if the
+        executor had sent them itself; it only saves that round trip. Raises :class:`Denied` if the
+        attestation or any object is refused (the token is then not returned, nor any key)."""
         if len(unwrap) > MAX_ATTEST_UNWRAPS:
             raise self._deny("attest", "INVALID_ARGUMENT", f"more than {MAX_ATTEST_UNWRAPS} objects to unwrap",
                              client=client, scope=req.scope, node_id=req.node_id)  # fmt: skip
         token, claims = self.attest(req, client=client)
-        keys = []
-        for header, nonce in unwrap:
-            keys.append(self.unwrap(token=token, header=header, request_nonce=nonce, hpke_suite=req.hpke_suite,
-                                    executor_public_key=req.executor_public_key, client=client))  # fmt: skip
+        if not unwrap:
+            return token, claims, []
+        keys = self.unwrap_many(token=token, items=unwrap, hpke_suite=req.hpke_suite,
+                                executor_public_key=req.executor_public_key, client=client)  # fmt: skip
         return token, claims, keys
 
     def _appraisal(self, d: DomainRecord) -> AppraisalPolicy:
@@ -400,11 +426,10 @@ class Broker:
             raise self._deny(event, "PERMISSION_DENIED", f"domain {d.name!r}: key version {version} has no owner "
                              "signature over its current policy (require_owner_signature)", **ctx)  # fmt: skip
 
-    def _authorize(
-        self, *, token: str, hpke_suite: str, executor_public_key: bytes, request_nonce: bytes,
-        domain: str, ctx: dict[str, Any], event: str,
-    ) -> tuple[TokenClaims, hpke.PublicKey, DomainRecord]:  # fmt: skip
-        """Checks (1)-(3) and (5)-(8) of the module docstring."""
+    def _authorize_token(
+        self, *, token: str, hpke_suite: str, executor_public_key: bytes, ctx: dict[str, Any], event: str
+    ) -> tuple[TokenClaims, hpke.PublicKey]:
+        """Checks (1)-(3) of the module docstring; adds the token's fields to ``ctx``."""
         try:
             claims = self.verifier.verify(token, now=self._now())
         except KeyReleaseDenied as exc:
@@ -416,12 +441,23 @@ class Broker:
             )
         try:
             presented = hpke.PublicKey(hpke_suite, executor_public_key)
-            if len(request_nonce) != rec_mod.NONCE_SIZE:
-                raise ValueError("request nonce must be 32 bytes")
         except (ValueError, TypeError) as exc:
             raise self._deny(event, "INVALID_ARGUMENT", str(exc), **ctx) from None
         if not hmac.compare_digest(jkt(presented), claims.jkt):
             raise self._deny(event, "PERMISSION_DENIED", "presented key is not the token's cnf key", **ctx)
+        return claims, presented
+
+    def _authorize_domain(
+        self, claims: TokenClaims, domain: str, *, request_nonce: bytes, ctx: dict[str, Any], event: str,
+        checked: dict[str, DomainRecord] | None = None,
+    ) -> DomainRecord:  # fmt: skip
+        """The request nonce's size, then checks (5)-(8) of the module docstring for ``domain``.
+        ``checked``: domains that passed (5)-(8) for these claims earlier in the same request (the
+        checks depend only on the claims and the domain record, which is then reused)."""
+        if len(request_nonce) != rec_mod.NONCE_SIZE:
+            raise self._deny(event, "INVALID_ARGUMENT", "request nonce must be 32 bytes", **ctx)
+        if checked is not None and domain in checked:
+            return checked[domain]
         if domain not in claims.domains:
             raise self._deny(event, "PERMISSION_DENIED", f"token does not name domain {domain!r}", **ctx)
         d = self.domains.get(domain)
@@ -434,24 +470,27 @@ class Broker:
                                    tcb=claims.tcb, token=claims.jti, bundle=claims.bundle_digest)  # fmt: skip
         except KeyReleaseDenied as exc:
             raise self._deny(event, "PERMISSION_DENIED", str(exc), **ctx) from None
-        return claims, presented, d
+        if checked is not None:
+            checked[domain] = d
+        return d
 
-    def unwrap(
-        self, *, token: str, header: bytes, request_nonce: bytes, hpke_suite: str, executor_public_key: bytes,
-        client: str,
-    ) -> KeyResponse:  # fmt: skip
-        """Release one object's DEK, sealed to the token's key. Raises :class:`Denied`."""
-        ctx: dict[str, Any] = {"client": client}
+    def _parse_header(self, header: bytes, ctx: dict[str, Any]) -> SealedHeader:
+        """Check (4); adds the object's fields to ``ctx`` (so a later refusal names the object)."""
         try:
             parsed = SealedHeader.parse(header)
         except DecryptionError:
             raise self._deny("unwrap", "INVALID_ARGUMENT", "sealed header does not parse", **ctx) from None
         ctx.update(domain=parsed.domain, key_version=parsed.key_version, object_id=parsed.object_id.hex(),
                    header_hash=parsed.header_hash.hex())  # fmt: skip
-        claims, presented, d = self._authorize(
-            token=token, hpke_suite=hpke_suite, executor_public_key=executor_public_key,
-            request_nonce=request_nonce, domain=parsed.domain, ctx=ctx, event="unwrap",
-        )  # fmt: skip
+        return parsed
+
+    def _check_unwrap(
+        self, claims: TokenClaims, presented: hpke.PublicKey, parsed: SealedHeader, request_nonce: bytes,
+        ctx: dict[str, Any], checked: dict[str, DomainRecord] | None = None,
+    ) -> _Approved:  # fmt: skip
+        """Checks (5)-(10) of one object, for a token that passed (1)-(3): what :meth:`_grant` needs."""
+        d = self._authorize_domain(claims, parsed.domain, request_nonce=request_nonce, ctx=ctx, event="unwrap",
+                                   checked=checked)  # fmt: skip
         # (9) The version exists, is live and matches the header's suite.
         version = d.version(parsed.key_version)
         if version is None:
@@ -472,11 +511,58 @@ class Broker:
             raise self._deny("unwrap", "PERMISSION_DENIED",
                              "wrapped DEK does not open under this version and header (altered header, "
                              "version downgrade or foreign object)", **ctx) from None  # fmt: skip
-        # (11) Audit, then sign and seal.
         release = rec_mod.ReleaseRecord(domain=d.name, key_version=version.version, token_id=claims.jti,
                                         key_hash=rec_mod.key_hash(presented), header_hash=parsed.header_hash,
                                         request_nonce=bytes(request_nonce), iat=self._now())  # fmt: skip
-        return self._grant("unwrap", release, presented, dek, ctx)
+        return _Approved(release=release, to=presented, key=dek, ctx=ctx)
+
+    def unwrap(
+        self, *, token: str, header: bytes, request_nonce: bytes, hpke_suite: str, executor_public_key: bytes,
+        client: str,
+    ) -> KeyResponse:  # fmt: skip
+        """Release one object's DEK, sealed to the token's key. Raises :class:`Denied`."""
+        ctx: dict[str, Any] = {"client": client}
+        parsed = self._parse_header(header, ctx)
+        claims, presented = self._authorize_token(token=token, hpke_suite=hpke_suite,
+                                                  executor_public_key=executor_public_key, ctx=ctx, event="unwrap")  # fmt: skip
+        # (11) Audit, then sign and seal.
+        return self._grant("unwrap", [self._check_unwrap(claims, presented, parsed, request_nonce, ctx)])[0]
+
+    def unwrap_many(
+        self, *, token: str, items: Sequence[tuple[bytes, bytes]], hpke_suite: str, executor_public_key: bytes,
+        client: str,
+    ) -> list[KeyResponse]:  # fmt: skip
+        """Release the DEKs of up to :data:`MAX_UNWRAP_ITEMS` objects, each ``(header bytes, request
+        nonce)``, sealed to the token's key: one response per item, in order, each exactly as
+        :meth:`unwrap` answers it. All or nothing: every item runs every check of :meth:`unwrap`
+        (the token's once per request; the domain's policy and revocations once per domain) before
+        any grant; one refusal denies the whole request (audited as an ``unwrap`` denial naming that
+        item) and no key is released. Request nonces must differ between items. Then all grants are
+        audited and made durable together, and each key is signed and sealed as :meth:`unwrap` does.
+
+        Raises:
+            Denied: no items or more than :data:`MAX_UNWRAP_ITEMS`, a repeated request nonce, or any
+                check of any item.
+        """
+        base: dict[str, Any] = {"client": client, "items": len(items)}
+        if not 0 < len(items) <= MAX_UNWRAP_ITEMS:
+            raise self._deny("unwrap", "INVALID_ARGUMENT", f"{len(items)} objects to unwrap: 1 to "
+                             f"{MAX_UNWRAP_ITEMS} per request", **base)  # fmt: skip
+        claims, presented = self._authorize_token(token=token, hpke_suite=hpke_suite,
+                                                  executor_public_key=executor_public_key, ctx=base, event="unwrap")  # fmt: skip
+        checked: dict[str, DomainRecord] = {}
+        nonces: set[bytes] = set()
+        approved: list[_Approved] = []
+        for i, (header, request_nonce) in enumerate(items):
+            ctx = {**base, "item": i}
+            parsed = self._parse_header(header, ctx)
+            if bytes(request_nonce) in nonces:
+                raise self._deny(
+                    "unwrap", "INVALID_ARGUMENT", "request nonce repeats an earlier item's", **ctx
+                )
+            nonces.add(bytes(request_nonce))
+            approved.append(self._check_unwrap(claims, presented, parsed, request_nonce, ctx, checked))
+        return self._grant("unwrap", approved)
 
     def release(
         self, *, token: str, domain: str, name: str, request_nonce: bytes, hpke_suite: str,
@@ -484,10 +570,9 @@ class Broker:
     ) -> KeyResponse:  # fmt: skip
         """Release a named secret of ``domain`` (configured in ``secrets``), under the same checks."""
         ctx: dict[str, Any] = {"client": client, "domain": domain, "secret": name}
-        _, presented, d = self._authorize(
-            token=token, hpke_suite=hpke_suite, executor_public_key=executor_public_key,
-            request_nonce=request_nonce, domain=domain, ctx=ctx, event="release",
-        )  # fmt: skip
+        claims, presented = self._authorize_token(token=token, hpke_suite=hpke_suite,
+                                                  executor_public_key=executor_public_key, ctx=ctx, event="release")  # fmt: skip
+        d = self._authorize_domain(claims, domain, request_nonce=request_nonce, ctx=ctx, event="release")
         self._require_owner_signature("release", d, None, ctx)
         value = secrets.get((domain, name))
         if value is None:
@@ -496,15 +581,19 @@ class Broker:
                                         key_hash=rec_mod.key_hash(presented),
                                         header_hash=rec_mod.secret_subject(name),
                                         request_nonce=bytes(request_nonce), iat=self._now())  # fmt: skip
-        return self._grant("release", release, presented, value, ctx)
+        return self._grant("release", [_Approved(release=release, to=presented, key=value, ctx=ctx)])[0]
 
-    def _grant(
-        self, event: str, release: rec_mod.ReleaseRecord, to: hpke.PublicKey, key: bytes, ctx: dict[str, Any]
-    ) -> KeyResponse:
-        body = release.encode()
-        self._record(event, decision="grant", key_hash=release.key_hash.hex(),
-                     request_nonce=release.request_nonce.hex(), **ctx)  # fmt: skip
-        return KeyResponse(body, rec_mod.sign(self._release_key, body), hpke.wrap(to, key, info=body))
+    def _grant(self, event: str, approved: Sequence[_Approved]) -> list[KeyResponse]:
+        """Audit every grant (durable together), then per grant sign its release record and seal its
+        key to the executor key with ``info`` = the record."""
+        bodies = [a.release.encode() for a in approved]
+        self._record_many([(event, {"decision": "grant", "key_hash": a.release.key_hash.hex(),
+                                    "request_nonce": a.release.request_nonce.hex(), **a.ctx})
+                           for a in approved])  # fmt: skip
+        return [
+            KeyResponse(body, rec_mod.sign(self._release_key, body), hpke.wrap(a.to, a.key, info=body))
+            for a, body in zip(approved, bodies, strict=True)
+        ]
 
     # -- public reads ------------------------------------------------------------------------------
     def _descriptor_version(self, name: str, version: int) -> tuple[DomainRecord, KeyVersion]:
@@ -685,6 +774,7 @@ def b64(data: bytes) -> str:
 
 __all__ = [
     "MAX_ATTEST_UNWRAPS",
+    "MAX_UNWRAP_ITEMS",
     "AttestRequest",
     "Auditor",
     "Broker",

@@ -6,6 +6,7 @@
                           cluster_id="c", bundle_digest=digest, scope="release", node_id="n1",
                           pool="p", region="r", domains=["hospital"])
     dek = client.unwrap(token, header_bytes, key)
+    deks = client.unwrap_many(token, [header_a, header_b], key)   # one call, all or nothing
 
 The release key and CA come from the image or launch data, never from the broker or runtime_env
 (design.md section 5, step 5). :meth:`KBSClient.unwrap` accepts a response only if it is signed by the
@@ -45,6 +46,7 @@ from ray_confidential.domains import DomainDescriptor, DomainPolicy
 from ray_confidential.errors import DecryptionError, KeyReleaseDenied
 from ray_confidential.kbs import owner_sig
 from ray_confidential.kbs import record as rec_mod
+from ray_confidential.kbs.broker import MAX_UNWRAP_ITEMS
 from ray_confidential.kbs.domains import appraisal_hash
 from ray_confidential.kbs.proto import kbs_pb2, kbs_pb2_grpc
 from ray_confidential.kbs.server import CHANNEL_OPTIONS, is_loopback, split_address
@@ -372,6 +374,41 @@ class KBSClient:
         if len(dek) != 32:
             raise KeyReleaseDenied("broker released a key of the wrong size")
         return dek
+
+    def unwrap_many(
+        self, token: Token, headers: Sequence[bytes], executor_key: hpke.PrivateKeyHandle
+    ) -> list[bytes]:
+        """The DEKs of the sealed objects whose headers are ``headers``, in order, with one
+        ``UnwrapMany`` call per :data:`~ray_confidential.kbs.broker.MAX_UNWRAP_ITEMS` objects. Each
+        object gets its own fresh request nonce, and each key response is verified exactly as
+        :meth:`unwrap` verifies it. The broker grants a call all or nothing.
+
+        Raises:
+            BrokerRefusedError: the broker refused a call (any object denied, rate limited); the keys
+                of earlier calls are not returned either.
+            KeyReleaseDenied: a response is not the pinned broker's answer to this request (another
+                number of keys, a record of another object or request, another signer).
+            BrokerUnavailableError: the broker is unreachable.
+        """
+        parsed = [SealedHeader.parse(h) for h in headers]
+        pub = executor_key.public_key()
+        deks: list[bytes] = []
+        for at in range(0, len(parsed), MAX_UNWRAP_ITEMS):
+            chunk = parsed[at : at + MAX_UNWRAP_ITEMS]
+            nonces = [os.urandom(32) for _ in chunk]
+            r = self._call("UnwrapMany", kbs_pb2.UnwrapManyRequest(
+                token=token.raw, hpke_suite=pub.suite, executor_public_key=pub.raw,
+                items=[kbs_pb2.UnwrapItem(header=h.header_bytes, request_nonce=n)
+                       for h, n in zip(chunk, nonces, strict=True)]))  # fmt: skip
+            if len(r.keys) != len(chunk):
+                raise KeyReleaseDenied("broker answered another number of objects than requested")
+            for resp, header, nonce in zip(r.keys, chunk, nonces, strict=True):
+                dek = self._open(resp, token=token, key=executor_key, nonce=nonce, domain=header.domain,
+                                 version=header.key_version, subject=header.header_hash)  # fmt: skip
+                if len(dek) != 32:
+                    raise KeyReleaseDenied("broker released a key of the wrong size")
+                deks.append(dek)
+        return deks
 
     def release(self, token: Token, domain: str, name: str, executor_key: hpke.PrivateKeyHandle) -> bytes:
         """A named secret of ``domain``, under the same checks as :meth:`unwrap`."""

@@ -7,6 +7,9 @@
 >>> t[0] = 1.0
 >>> rl.allow("c")
 True
+>>> t[0] = 3.0
+>>> rl.allow("c", cost=2), rl.allow("c")
+(True, False)
 """
 
 from __future__ import annotations
@@ -28,15 +31,24 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
-    def allow(self, client: str) -> bool:
-        """Take one token from ``client``'s bucket; False when it is empty."""
+    def allow(self, client: str, cost: int = 1) -> bool:
+        """Take ``cost`` tokens (one per unit of work: an UnwrapMany costs one per object) from
+        ``client``'s bucket; False, taking nothing, when it holds fewer. A request that costs more
+        than ``burst`` is allowed only from a full bucket, which it leaves in debt (negative), so
+        over time every unit is still paid at ``rate``.
+
+        Raises:
+            ValueError: ``cost`` < 1.
+        """
+        if cost < 1:
+            raise ValueError(f"rate limit cost must be >= 1, got {cost}")
         now = self._clock()
         with self._lock:
             tokens, last = self._buckets.pop(client, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-            allowed = tokens >= 1.0
+            allowed = tokens >= min(float(cost), float(self.burst))
             if allowed:
-                tokens -= 1.0
+                tokens -= cost
             self._buckets[client] = (tokens, now)
             if len(self._buckets) > self._max:
                 self._buckets.popitem(last=False)

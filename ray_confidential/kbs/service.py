@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ray_confidential.attestation.evidence import Evidence
-from ray_confidential.kbs.broker import AttestRequest, Broker, Denied, KeyResponse
+from ray_confidential.kbs.broker import MAX_UNWRAP_ITEMS, AttestRequest, Broker, Denied, KeyResponse
 from ray_confidential.kbs.proto import kbs_pb2, kbs_pb2_grpc
 from ray_confidential.kbs.ratelimit import RateLimiter
 from ray_confidential.kbs.statement_feed import MAX_WAIT_S, StatementFeed
@@ -100,11 +100,15 @@ class KeyBrokerService(kbs_pb2_grpc.KeyBrokerServicer):
         self.secrets = dict(secrets or {})
         self.feed = feed
 
-    def _run(self, rpc: str, context: grpc.ServicerContext, fn: Callable[[str | None, str], T]) -> T:
+    def _run(
+        self, rpc: str, context: grpc.ServicerContext, fn: Callable[[str | None, str], T], cost: int = 1
+    ) -> T:
+        """Identify the caller, charge ``cost`` against its rate limit, run ``fn(owner, client)``, and
+        turn a refusal into its coarse wire error."""
         owner = owner_identity(context) or self.dev_owner
         client = client_key(context, owner)
         try:
-            if self.limiter is not None and not self.limiter.allow(client):
+            if self.limiter is not None and not self.limiter.allow(client, cost):
                 raise self.broker._deny("rate_limit", "RESOURCE_EXHAUSTED", f"{rpc}: rate limit exceeded",
                                         client=client)  # fmt: skip
             return fn(owner, client)
@@ -165,6 +169,18 @@ class KeyBrokerService(kbs_pb2_grpc.KeyBrokerServicer):
             )  # fmt: skip
 
         return self._run("Unwrap", context, fn)
+
+    def UnwrapMany(self, request: kbs_pb2.UnwrapManyRequest, context: grpc.ServicerContext) -> Any:
+        def fn(owner: str | None, client: str) -> kbs_pb2.UnwrapManyResponse:
+            items = [(bytes(u.header), bytes(u.request_nonce)) for u in request.items]
+            keys = self.broker.unwrap_many(token=request.token, items=items, hpke_suite=request.hpke_suite,
+                                           executor_public_key=bytes(request.executor_public_key), client=client)  # fmt: skip
+            return kbs_pb2.UnwrapManyResponse(keys=[self._key(k) for k in keys])
+
+        # One rate-limit unit per object, as for as many Unwrap calls: batching saves round trips, not
+        # rate. An oversized request is charged the maximum, then refused by the broker (audited).
+        cost = max(1, min(len(request.items), MAX_UNWRAP_ITEMS))
+        return self._run("UnwrapMany", context, fn, cost)
 
     def Release(self, request: kbs_pb2.ReleaseRequest, context: grpc.ServicerContext) -> Any:
         def fn(owner: str | None, client: str) -> kbs_pb2.KeyResponse:

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,12 +99,20 @@ class RecordingAudit:
     def __init__(self, inner: Any = None) -> None:
         self.inner = inner
         self.records: list[dict[str, Any]] = []
+        self.batches = 0  # append_many calls
         self._lock = threading.Lock()
 
     def append(self, event: str, **fields: Any) -> Any:
         result = self.inner.append(event, **fields) if self.inner is not None else None
         with self._lock:
             self.records.append({"event": event, **fields})
+        return result
+
+    def append_many(self, records: Sequence[tuple[str, Mapping[str, Any]]], **kw: Any) -> Any:
+        result = self.inner.append_many(records, **kw) if self.inner is not None else None
+        with self._lock:
+            self.records.extend({"event": event, **fields, **kw} for event, fields in records)
+            self.batches += 1
         return result
 
     def checkpoint(self) -> bytes:
