@@ -343,8 +343,9 @@ class Executor:
 
         Without a valid cached token, one broker call attests and unwraps the objects whose keys are
         not cached (``grant_with_keys``, at most :data:`MAX_KEYS_WITH_TOKEN`): one round trip fewer
-        per fresh call. If the broker refuses it, the step-by-step path below runs again, so that
-        the refusal the shim sees (and the metrics) name the step that failed.
+        per fresh call. With a token, two or more uncached keys come from one ``unwrap_many`` call
+        (:meth:`_batch_deks`). If the broker refuses either, the step-by-step path below runs again,
+        so that the refusal the shim sees (and the metrics) name the step that failed.
         """
         combined = getattr(self.releaser, "grant_with_keys", None)
         if combined is not None and self._cached_grant(digest, domains) is None:
@@ -363,7 +364,30 @@ class Executor:
                     for header, dek in zip(missing, deks, strict=True):
                         self._keep_dek(fresh, header, dek, now)
         grant = self._grant(digest, domains)
+        self._batch_deks(grant, headers)
         return grant, [self._dek(grant, h) for h in headers]
+
+    def _batch_deks(self, grant: Grant, headers: list[SealedHeader]) -> None:
+        """With a token, fetch the keys of 2 or more uncached objects in one broker call
+        (``unwrap_many``) and cache them. If the broker refuses it, nothing is kept: the caller's
+        per-object path asks again, so that the refusal it reports names the object."""
+        many = getattr(self.releaser, "unwrap_many", None)
+        if many is None:
+            return
+        now = self.clock()
+        missing = list({(h.object_id, h.header_hash): h for h in headers
+                        if self._cached_dek(h, now) is None}.values())  # fmt: skip
+        if len(missing) < 2:
+            return
+        try:
+            deks = self._with_broker(lambda: many(grant, tuple(missing), self.key, now=now))
+        except KeyReleaseDenied:
+            return  # ask again object by object (the caller) for a precise refusal
+        except CallRefused:
+            self._note("unwrap", "error")
+            raise
+        for header, dek in zip(missing, deks, strict=True):
+            self._keep_dek(grant, header, dek, now)
 
     def _cached_grant(self, digest: bytes, domains: tuple[str, ...]) -> Grant | None:
         with self._lock:

@@ -8,6 +8,9 @@ Every use of the key broker goes through :class:`KeyReleaser` (design.md section
   and appraises the evidence before it issues one. One token per (bundle digest, domains).
 - ``unwrap(grant, header)``: the DEK of one sealed object, in a response signed by the pinned release
   key and sealed to the executor key (``KBSClient.unwrap`` checks both).
+- Optional, looked up with ``getattr`` by the executor: ``grant_with_keys`` (a token and the DEKs of
+  up to 16 objects in one Attest) and ``unwrap_many(grant, headers)`` (the DEKs of many objects in
+  one call, all or nothing), each checked per object as ``unwrap``.
 - ``domain(name)``: the domain's descriptor, signed by the pinned release key.
 - ``revocation_epoch()``: polled at least every 10 s.
 
@@ -337,6 +340,30 @@ class KBSKeyReleaser:
                 f"the key broker refused the data key of object {header.object_id.hex()} ({exc.code}); "
                 "its audit log has the reason"
             ) from None
+
+    def unwrap_many(
+        self, grant: Grant, headers: tuple[Any, ...], executor_key: hpke.PrivateKeyHandle, *, now: float
+    ) -> list[bytes]:
+        """The DEKs of sealed ``headers``, in order, in one broker call per 64 objects (``UnwrapMany``:
+        the broker runs and audits every unwrap check per object, all or nothing;
+        ``KBSClient.unwrap_many`` verifies each response as :meth:`unwrap` does).
+
+        Raises:
+            KeyReleaseDenied: the broker refused (the executor then asks object by object, so that
+                the refusal it reports names the object).
+        """
+        from ray_confidential.kbs.client import BrokerRefusedError
+
+        raw = [h.header_bytes for h in headers]
+        try:
+            deks = self._run(lambda c: c.unwrap_many(grant.token, raw, executor_key))
+        except BrokerRefusedError as exc:
+            ids = ", ".join(h.object_id.hex() for h in headers)
+            raise KeyReleaseDenied(
+                f"the key broker refused the data keys of objects {ids} ({exc.code}); its audit log has the "
+                "reason"
+            ) from None
+        return [bytes(d) for d in deks]
 
     def domain(self, name: str) -> DomainInfo:
         from ray_confidential.kbs.client import BrokerRefusedError

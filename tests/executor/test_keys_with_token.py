@@ -1,6 +1,6 @@
-"""A fresh call's token and data keys come from one broker call (attest with unwrap), and a refusal
-is asked again step by step so that the error names the step (the executor core, in-process, over
-the real development broker)."""
+"""A fresh call's token and data keys come from one broker call (attest with unwrap), the uncached
+keys of a call with a token from one UnwrapMany, and a refusal is asked again step by step so that
+the error names the step (the executor core, in-process, over the real development broker)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ class Counting:
 
     def __init__(self, releaser: KBSKeyReleaser) -> None:
         self.calls: list[str] = []
-        for name in ("grant", "grant_with_keys", "unwrap"):
+        self.rpcs: list[str] = []
+        for name in ("grant", "grant_with_keys", "unwrap", "unwrap_many"):
             original = getattr(releaser, name)
 
             def counted(*args: Any, _name: str = name, _fn: Any = original, **kwargs: Any) -> Any:
@@ -39,6 +40,13 @@ class Counting:
                 return _fn(*args, **kwargs)
 
             setattr(releaser, name, counted)
+        client, real_call = releaser._client, releaser._client._call
+
+        def rpc(method: str, request: Any) -> Any:
+            self.rpcs.append(method)
+            return real_call(method, request)
+
+        client._call = rpc  # the broker RPCs the client makes
 
 
 @pytest.fixture
@@ -90,3 +98,42 @@ def test_a_refusal_is_asked_again_step_by_step(core: Any) -> None:
     with pytest.raises(KeyReleaseDenied, match="refused a token for this call"):
         executor._keys(TOTAL.digest, ("other-bundle",), [header])
     assert counting.calls == ["grant_with_keys", "grant"] and executor.stats["unwraps"] == 0
+
+
+def test_uncached_keys_of_a_call_with_a_token_come_from_one_unwrap_many(core: Any) -> None:
+    executor, counting, service = core
+    first = SealedHeader.parse(_sealed(service, "exec-a", np.ones(1)))
+    grant, _ = executor._keys(TOTAL.digest, ("exec-a",), [first])  # the token (and one key)
+    objects = [_sealed(service, "exec-a", np.arange(float(n))) for n in (2, 3, 4)]
+    headers = [SealedHeader.parse(o) for o in objects]
+    counting.calls.clear()
+    counting.rpcs.clear()
+    executor.begin_report()
+    again, deks = executor._keys(TOTAL.digest, ("exec-a",), [first, *headers, headers[0]])
+    report = executor.end_report()
+    assert again is grant and counting.calls == ["unwrap_many"] and counting.rpcs == ["UnwrapMany"]
+    assert [
+        open_with_dek(o, k, allow_pickle=False).sum() for o, k in zip(objects, deks[1:4], strict=True)
+    ] == [
+        1.0,
+        3.0,
+        6.0,
+    ]
+    assert deks[4] == deks[1] and report["unwrap"] == {"granted": 3} and executor.stats["unwraps"] == 4
+    # All cached now: no broker call at all.
+    executor._keys(TOTAL.digest, ("exec-a",), headers)
+    assert counting.rpcs == ["UnwrapMany"]
+
+
+def test_a_refused_batch_is_asked_again_object_by_object(core: Any) -> None:
+    executor, counting, service = core
+    executor._keys(TOTAL.digest, ("exec-a",), [SealedHeader.parse(_sealed(service, "exec-a", np.ones(1)))])
+    mine = [SealedHeader.parse(_sealed(service, "exec-a", np.ones(2))) for _ in range(2)]
+    foreign = SealedHeader.parse(_sealed(service, "exec-b", np.ones(3)))  # the token names exec-a only
+    counting.calls.clear()
+    executor.begin_report()
+    with pytest.raises(KeyReleaseDenied, match=f"object {foreign.object_id.hex()}"):
+        executor._keys(TOTAL.digest, ("exec-a",), [*mine, foreign])
+    report = executor.end_report()
+    assert counting.calls == ["unwrap_many", "unwrap", "unwrap", "unwrap"]
+    assert report["unwrap"] == {"granted": 2, "denied": 1}
