@@ -16,6 +16,7 @@ on its own.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -23,6 +24,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -60,6 +68,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--broker-wait", type=float, default=15.0, help="seconds before failing closed")
     p.add_argument("--call-timeout", type=float, default=300.0)
     p.add_argument("--memory-limit-mb", type=int, default=0, help="RLIMIT_AS per worker (0 = none)")
+    p.add_argument("--workers-per-bundle", type=_positive_int, default=None, metavar="N",
+                   help="calls of one (domains, bundle) pair run in parallel in at most N worker "
+                        "subprocesses (default: CPUs, at most 16)")  # fmt: skip
     p.add_argument("--die-with-parent", action="store_true", help="exit when the starting process exits")
     p.set_defaults(func=run_executor)
     return p
@@ -126,10 +137,13 @@ def run_executor(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"executor: {exc}", file=sys.stderr)
         return 2
+    limits = Limits(call_timeout=args.call_timeout, memory_limit_bytes=args.memory_limit_mb << 20)
+    if args.workers_per_bundle is not None:
+        limits = dataclasses.replace(limits, workers_per_bundle=args.workers_per_bundle)
     executor = Executor(
         releaser,
         facts,
-        limits=Limits(call_timeout=args.call_timeout, memory_limit_bytes=args.memory_limit_mb << 20),
+        limits=limits,
         broker_wait=args.broker_wait,
     )
     server = ExecutorServer(

@@ -4,8 +4,10 @@
 
 It serves untrusted shims (Ray workers) on a Unix socket (mode 0660: the Ray user and group only,
 docs/executor.md), attests through its attestation device, obtains tokens and data keys through a
-:class:`~enclave_actors.keys.KeyReleaser`, and runs approved code bundles in worker subprocesses,
-one per (domains, bundle) pair, never shared across domains or bundles (design.md sections 2, 5, 8).
+:class:`~enclave_actors.keys.KeyReleaser`, and runs approved code bundles in worker subprocesses
+dedicated to one (domains, bundle) pair each, never shared across domains or bundles; concurrent
+calls of a pair run in parallel workers up to ``Limits.workers_per_bundle``
+(:mod:`enclave_actors.workers`; design.md sections 2, 5, 8).
 
 A call (``op = "call"``), step by step as in :meth:`Executor.call`:
 
@@ -17,7 +19,8 @@ A call (``op = "call"``), step by step as in :meth:`Executor.call`:
    the output domain's policy (visible only to releasers that see policies: else refused).
 4. Token: one per (bundle digest, domains), cached, renewed ``renew_margin`` seconds before expiry.
 5. Data keys: unwrapped through the releaser, cached per object for at most the token lifetime.
-6. Run: the worker for (domains, bundle) opens inputs, runs the entry point, seals the result.
+6. Run: an idle worker of (domains, bundle), a new one, or the first to come free within the call's
+   time limit, opens inputs, runs the entry point, seals the result.
 7. Reply: sealed bytes, or ``task_error`` with the sealed detail (never the detail itself).
 
 Lifecycle: a poller reads the revocation epoch every ``poll_interval`` (<= 10 s); a new epoch drops
@@ -41,19 +44,18 @@ import logging
 import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from enclave_actors import protocol
 from enclave_actors.keys import BrokerUnavailable, DomainInfo, Grant, KeyReleaser, NodeFacts, bundle_approved
+from enclave_actors.workers import Key, Worker, WorkerLoadError, WorkerPools
 from ray_confidential.bundle import Bundle
 from ray_confidential.crypto import hpke
 from ray_confidential.errors import DecryptionError, KeyReleaseDenied
@@ -92,6 +94,10 @@ class Limits:
     memory_limit_bytes: int = 0
     """RLIMIT_AS of each worker subprocess (0 = no limit)."""
     max_workers: int = 16
+    """Worker subprocesses for calls, all (domains, bundle) pairs together."""
+    workers_per_bundle: int = field(default_factory=lambda: min(16, os.cpu_count() or 1))
+    """Calls of one (domains, bundle) pair that run in parallel, each in its own worker subprocess
+    (:mod:`enclave_actors.workers`); at most ``max_workers``."""
     max_actors: int = 64
     input_cache_bytes: int = 256 << 20
     """Sealed memfds of large inputs kept for calls that name them again (:class:`_InputCache`)."""
@@ -153,61 +159,12 @@ class _InputCache:
             os.close(fd)
 
 
-_WORKER_ENV = {"MIMALLOC_PURGE_DELAY": "1000", **os.environ}
-"""Workers keep freed pages of Arrow's allocator (mimalloc) for 1 s instead of 10 ms: a large input
-decrypts into pages the previous call freed instead of faulting in fresh zeroed ones (about 2 ms per
-64 MiB when calls are more than 10 ms apart; benchmarks/executor.py). The pages stay inside the
-worker, which serves one (domains, bundle) pair only."""
-
-
-class _Worker:
-    """One worker subprocess and its socket (owned by the daemon)."""
-
-    def __init__(self, bundle: Bundle, memory_limit: int) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.lock = threading.Lock()
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "enclave_actors.worker", str(child.fileno()), str(memory_limit)],
-                pass_fds=(child.fileno(),),
-                env=_WORKER_ENV,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                close_fds=True,
-            )
-        finally:
-            child.close()
-        self.sock = parent
-        self.sock.settimeout(120)
-        protocol.send(self.sock, bundle.to_wire(), [d for _, d in bundle.files])
-        reply = protocol.recv(self.sock)
-        if reply.header.get("status") != "ok":
-            self.stop()
-            raise CallRefused("bad_request", "the code bundle failed to load in the executor")
-
-    @property
-    def pid(self) -> int:
-        return int(self.proc.pid)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        try:
-            self.sock.close()
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait()
-
-
 @dataclass(slots=True)
 class _Actor:
     """An enclave actor instance: its own worker subprocess, bundle and fixed domain set."""
 
     actor_id: str
-    worker: _Worker
+    worker: Worker
     bundle: Bundle
     digest: bytes
     domains: tuple[str, ...]
@@ -251,7 +208,8 @@ class Executor:
         self._grants: dict[tuple[bytes, tuple[str, ...]], Grant] = {}
         self._deks: dict[tuple[bytes, bytes], tuple[bytearray, float]] = {}
         self._bundles: dict[bytes, Bundle] = {}
-        self._workers: dict[tuple[tuple[str, ...], bytes], _Worker] = {}
+        self.pools = WorkerPools(per_key=min(self.limits.workers_per_bundle, self.limits.max_workers),
+                                 max_workers=self.limits.max_workers, memory_limit=self.limits.memory_limit_bytes)  # fmt: skip
         self._actors: dict[str, _Actor] = {}
         self._epoch: int | None = None
         self._last_broker_ok = clock()
@@ -286,16 +244,16 @@ class Executor:
         with self._lock:
             deks, self._deks = self._deks, {}
             self._grants.clear()
-            workers, self._workers = self._workers, {}
             actors, self._actors = self._actors, {}
         self.inputs.clear()
         for dek, _ in deks.values():
             dek[:] = bytes(len(dek))
-        for worker in [*workers.values(), *(a.worker for a in actors.values())]:
-            worker.stop()
+        workers = self.pools.clear()
+        for actor in actors.values():
+            actor.worker.stop()
         if deks or workers or actors:
             logger.warning("executor: dropped %d data keys, %d workers and %d actors (%s)", len(deks),
-                           len(workers), len(actors), reason)  # fmt: skip
+                           workers, len(actors), reason)  # fmt: skip
 
     def poll_revocation(self) -> None:
         """One poll of the revocation epoch (the poller thread calls this every interval)."""
@@ -313,8 +271,8 @@ class Executor:
         self._epoch = epoch
 
     def worker_pids(self) -> dict[str, int]:
+        pids = self.pools.pids()
         with self._lock:
-            pids = {f"{','.join(k[0])}|{k[1].hex()}": w.pid for k, w in self._workers.items()}
             pids.update({f"actor:{a.actor_id}": a.worker.pid for a in self._actors.values()})
         return pids
 
@@ -578,12 +536,23 @@ class Executor:
         domains = tuple(sorted({out_domain, *(x[0].domain for x in inputs)}))
         infos, out = self._approve(digest, domains, out_domain, h.get("recipient"))  # (3)
         _, deks = self._keys(digest, domains, [x[0] for x in inputs])  # (4) token and (5) data keys
-        # (6) Run in the worker dedicated to (domains, bundle).
+        # (6) Run in a worker of (domains, bundle): an idle one, a new one, or the first to come free.
         timeout = self._timeout(h)
         request, inline, fds = self._request("call", inputs, infos, h.get("params", {}), out, digest, domains)
-        worker = self._worker(domains, bundle, digest)
-        reply = self._run(worker, request, [*deks, *inline], fds, timeout,
-                          lambda: self._discard(domains, digest, worker))  # fmt: skip
+        key: Key = (domains, digest)
+        deadline = time.monotonic() + timeout
+        try:
+            with self.pools.lease(key, bundle, timeout=timeout) as worker:
+                left = max(0.001, deadline - time.monotonic())
+                reply = self._run(worker, request, [*deks, *inline], fds, left,
+                                  lambda: self.pools.discard(key, worker))  # fmt: skip
+        except TimeoutError:
+            raise CallRefused("timeout", f"confidential call exceeded its time limit ({timeout:.0f} s) "
+                                         "waiting for a worker") from None  # fmt: skip
+        except WorkerLoadError as exc:
+            raise CallRefused("bad_request", str(exc)) from None
+        finally:
+            deks.clear()
         return self._keep_inputs(inputs, reply)
 
     def _keep_inputs(
@@ -630,7 +599,10 @@ class Executor:
                 raise CallRefused(
                     "unavailable", f"this executor runs {self.limits.max_actors} actors already"
                 )
-        worker = _Worker(bundle, self.limits.memory_limit_bytes)
+        try:
+            worker = Worker(bundle, self.limits.memory_limit_bytes)
+        except WorkerLoadError as exc:
+            raise CallRefused("bad_request", str(exc)) from None
         self.stats["actors_started"] += 1
         actor = _Actor(uuid.uuid4().hex, worker, bundle, digest, domains, out)
         request, inline, fds = self._request(
@@ -706,24 +678,9 @@ class Executor:
         # Key version 0 marks "sealed to a policy-listed recipient key" (docs/executor.md).
         return {"domain": desc.name, "version": 0, "suite": suite, "public_key": raw, "allow_pickle": False}
 
-    def _worker(self, domains: tuple[str, ...], bundle: Bundle, digest: bytes) -> _Worker:
-        key = (domains, digest)
-        with self._lock:
-            worker = self._workers.get(key)
-            if worker is not None and worker.alive():
-                return worker
-            if len(self._workers) >= self.limits.max_workers:
-                oldest = next(iter(self._workers))
-                self._workers.pop(oldest).stop()
-        worker = _Worker(bundle, self.limits.memory_limit_bytes)
-        self.stats["workers_started"] += 1
-        with self._lock:
-            self._workers[key] = worker
-        return worker
-
     def _run(
         self,
-        worker: _Worker,
+        worker: Worker,
         request: dict[str, Any],
         frames: list[Any],
         fds: list[int],
@@ -750,12 +707,6 @@ class Executor:
             reply.close_fds()
             raise CallRefused("crashed", "the confidential call's worker answered badly")
         return {"status": status}, reply.frames, reply.fds
-
-    def _discard(self, domains: tuple[str, ...], digest: bytes, worker: _Worker) -> None:
-        with self._lock:
-            if self._workers.get((domains, digest)) is worker:
-                del self._workers[(domains, digest)]
-        worker.stop()
 
 
 def _refuse_plain_params(infos: dict[str, DomainInfo], params: Any) -> None:
@@ -824,6 +775,7 @@ class ExecutorServer:
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_interval):
             self.executor.poll_revocation()
+            self.executor.pools.reap()
 
     def _routing(self) -> None:
         """Attest for a routing token at start and before each expires (trust-registry admission:
@@ -909,7 +861,7 @@ class ExecutorServer:
                 [],
             )
         if op == "stats":
-            return {"status": "ok", "stats": dict(self.executor.stats), "workers": self.executor.worker_pids(),
+            return {"status": "ok", "stats": {**self.executor.stats, "workers_started": self.executor.pools.started}, "workers": self.executor.worker_pids(),
                     "pid": os.getpid()}, [], []  # fmt: skip
         raise CallRefused("bad_request", f"unknown operation {op!r}")
 

@@ -45,6 +45,19 @@ def sleep(seconds: float) -> str:
 
 
 @rc.remote(domain="exec-a")
+def rendezvous(folder: str, n: int, wait_s: float) -> dict[str, Any]:
+    """Marks its arrival in ``folder``, then waits up to ``wait_s`` until ``n`` calls have arrived:
+    calls that run at the same time see each other; calls run one after another do not."""
+    import uuid
+
+    open(os.path.join(folder, uuid.uuid4().hex), "w").close()
+    deadline = time.monotonic() + wait_s
+    while len(os.listdir(folder)) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return {"pid": os.getpid(), "seen": len(os.listdir(folder))}
+
+
+@rc.remote(domain="exec-a")
 def pid_and_keys() -> dict[str, Any]:
     """What a bundle can see of earlier calls' keys in its own process (nothing)."""
     import gc

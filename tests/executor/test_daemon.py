@@ -9,9 +9,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -254,6 +256,50 @@ def test_crash_and_timeout_are_survived(env: Env) -> None:
         env.open(env.client.call(from_callable(conf_funcs.sleep), domain="exec-a", args=[["j", 0]]))
         == "slept"
     )
+
+
+def _rendezvous(env: Env, socket_path: str, folder: Path, n: int, wait_s: float) -> list[dict[str, Any]]:
+    """``n`` concurrent calls of ``conf_funcs.rendezvous``, each on its own connection (as Ray's shims)."""
+    bundle = from_callable(conf_funcs.rendezvous)
+    replies: list[Any] = [None] * n
+
+    def one(i: int) -> None:
+        client = ExecutorClient(socket_path)
+        try:
+            replies[i] = client.call(
+                bundle, domain="exec-a", args=[["j", str(folder)], ["j", n], ["j", wait_s]]
+            )
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return [env.open(r) for r in replies]
+
+
+@pytest.mark.parametrize("per_bundle", [2, 1])
+def test_calls_of_one_function_run_in_parallel_up_to_workers_per_bundle(
+    env: Env, tmp_path: Path, per_bundle: int
+) -> None:
+    """Concurrent calls of one (domains, bundle) pair run at once, each in its own worker subprocess
+    of that pair, up to --workers-per-bundle; beyond it they wait their turn in a free one."""
+    ex = launch(env.broker, extra=("--workers-per-bundle", str(per_bundle)))
+    try:
+        folder = tmp_path / "arrivals"
+        folder.mkdir()
+        if per_bundle == 2:
+            out = _rendezvous(env, ex.socket, folder, 2, wait_s=30.0)  # returns as soon as both arrived
+            assert [r["seen"] for r in out] == [2, 2] and out[0]["pid"] != out[1]["pid"]
+        else:
+            out = _rendezvous(env, ex.socket, folder, 2, wait_s=1.0)  # the first waits for nobody
+            assert sorted(r["seen"] for r in out) == [1, 2] and out[0]["pid"] == out[1]["pid"]
+        stats = ExecutorClient(ex.socket).request({"op": "stats"}).header
+        assert len(stats["workers"]) == per_bundle and stats["stats"]["workers_started"] == per_bundle
+    finally:
+        stop(ex)
 
 
 def test_params_size_limit(env: Env) -> None:
