@@ -301,16 +301,7 @@ class KBSClient:
             domains=domains, unwrap=[kbs_pb2.UnwrapItem(header=p.header_bytes, request_nonce=n)
                                      for p, n in zip(parsed, nonces, strict=True)]))  # fmt: skip
         token = self._token(r, executor_key)
-        if len(r.keys) != len(parsed):
-            raise KeyReleaseDenied("broker answered another number of objects than requested")
-        deks = []
-        for resp, header, nonce in zip(r.keys, parsed, nonces, strict=True):
-            dek = self._open(resp, token=token, key=executor_key, nonce=nonce, domain=header.domain,
-                             version=header.key_version, subject=header.header_hash)  # fmt: skip
-            if len(dek) != 32:
-                raise KeyReleaseDenied("broker released a key of the wrong size")
-            deks.append(dek)
-        return token, deks
+        return token, self._open_deks(r.keys, parsed, nonces, token=token, key=executor_key)
 
     @staticmethod
     def _attest_request(
@@ -331,6 +322,26 @@ class KBSClient:
         if token.claims.jkt != jkt(executor_key.public_key()):
             raise KeyReleaseDenied("broker issued a token for another key")
         return token
+
+    def _open_deks(
+        self, keys: Sequence[Any], headers: Sequence[SealedHeader], nonces: Sequence[bytes], *, token: Token,
+        key: hpke.PrivateKeyHandle,
+    ) -> list[bytes]:  # fmt: skip
+        """The data keys in ``keys``, one per header in order, each verified by :meth:`_open`.
+
+        Raises:
+            KeyReleaseDenied: another number of keys than headers, or any response refused.
+        """
+        if len(keys) != len(headers):
+            raise KeyReleaseDenied("broker answered another number of objects than requested")
+        deks = []
+        for resp, header, nonce in zip(keys, headers, nonces, strict=True):
+            dek = self._open(resp, token=token, key=key, nonce=nonce, domain=header.domain,
+                             version=header.key_version, subject=header.header_hash)  # fmt: skip
+            if len(dek) != 32:
+                raise KeyReleaseDenied("broker released a key of the wrong size")
+            deks.append(dek)
+        return deks
 
     def _open(
         self, resp: Any, *, token: Token, key: hpke.PrivateKeyHandle, nonce: bytes, domain: str,
@@ -369,11 +380,7 @@ class KBSClient:
         resp = self._call("Unwrap", kbs_pb2.UnwrapRequest(
             token=token.raw, header=header.header_bytes, request_nonce=nonce, hpke_suite=pub.suite,
             executor_public_key=pub.raw))  # fmt: skip
-        dek = self._open(resp, token=token, key=executor_key, nonce=nonce, domain=header.domain,
-                         version=header.key_version, subject=header.header_hash)  # fmt: skip
-        if len(dek) != 32:
-            raise KeyReleaseDenied("broker released a key of the wrong size")
-        return dek
+        return self._open_deks([resp], [header], [nonce], token=token, key=executor_key)[0]
 
     def unwrap_many(
         self, token: Token, headers: Sequence[bytes], executor_key: hpke.PrivateKeyHandle
@@ -400,14 +407,7 @@ class KBSClient:
                 token=token.raw, hpke_suite=pub.suite, executor_public_key=pub.raw,
                 items=[kbs_pb2.UnwrapItem(header=h.header_bytes, request_nonce=n)
                        for h, n in zip(chunk, nonces, strict=True)]))  # fmt: skip
-            if len(r.keys) != len(chunk):
-                raise KeyReleaseDenied("broker answered another number of objects than requested")
-            for resp, header, nonce in zip(r.keys, chunk, nonces, strict=True):
-                dek = self._open(resp, token=token, key=executor_key, nonce=nonce, domain=header.domain,
-                                 version=header.key_version, subject=header.header_hash)  # fmt: skip
-                if len(dek) != 32:
-                    raise KeyReleaseDenied("broker released a key of the wrong size")
-                deks.append(dek)
+            deks += self._open_deks(r.keys, chunk, nonces, token=token, key=executor_key)
         return deks
 
     def release(self, token: Token, domain: str, name: str, executor_key: hpke.PrivateKeyHandle) -> bytes:

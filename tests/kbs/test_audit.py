@@ -378,19 +378,23 @@ def test_fsync_failure_stops_the_log(log_path: Path, monkeypatch: pytest.MonkeyP
 # Group commit
 
 
+def count_syncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count ``os.fdatasync`` calls from now on (in a one-item list) while still syncing."""
+    syncs, real = [0], os.fdatasync
+
+    def counting(fd: int) -> None:
+        syncs[0] += 1
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting)
+    return syncs
+
+
 @pytest.mark.parametrize("group", [False, True])
 def test_concurrent_appends_keep_a_valid_chain(
     log_path: Path, monkeypatch: pytest.MonkeyPatch, group: bool
 ) -> None:
-    syncs = 0
-    real = os.fdatasync
-
-    def counting(fd: int) -> None:
-        nonlocal syncs
-        syncs += 1
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", counting)
+    syncs = count_syncs(monkeypatch)
     log = AuditLog(log_path, KEY, group_commit=group)
     seqs: list[int] = []
     not_durable: list[int] = []
@@ -413,9 +417,9 @@ def test_concurrent_appends_keep_a_valid_chain(
     assert sorted(seqs) == list(range(1, 8 * per_thread + 1)) and not not_durable
     assert verify_log(log_path, PUB, checkpoint=cp).records == 8 * per_thread + 1
     if group:
-        assert syncs < 8 * per_thread, "group commit shared no fsync"
+        assert syncs[0] < 8 * per_thread, "group commit shared no fsync"
     else:
-        assert syncs >= 8 * per_thread + 1
+        assert syncs[0] >= 8 * per_thread + 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -593,21 +597,13 @@ def test_group_commit_interrupted_acknowledges_nothing(
 def test_append_many_records_verify_in_order(
     log_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: bool
 ) -> None:
-    syncs = 0
-    real = os.fdatasync
-
-    def counting(fd: int) -> None:
-        nonlocal syncs
-        syncs += 1
-        real(fd)
-
     log = AuditLog(log_path, KEY, group_commit=group, clock=ticking_clock())
-    monkeypatch.setattr(os, "fdatasync", counting)
+    syncs = count_syncs(monkeypatch)
     recs = log.append_many(
         [("unwrap", {"decision": "grant", "item": i, "nonce": bytes([i]) * 4}) for i in range(5)]
     )
     monkeypatch.undo()
-    assert syncs == 1, "one durability wait for the whole batch"
+    assert syncs[0] == 1, "one durability wait for the whole batch"
     assert [r.seq for r in recs] == [1, 2, 3, 4, 5] and log._durable == 5
     assert [r.prev for r in recs[1:]] == [r.hash for r in recs[:-1]]
     assert recs[2].fields == {"decision": "grant", "item": 2, "nonce": "02020202"}
