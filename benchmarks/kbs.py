@@ -282,6 +282,50 @@ def cached_unwraps(
             "broker_context_switches_per_unwrap": (_switches(pid) - x0) / n}  # fmt: skip
 
 
+def executor_unwraps(
+    connect: Any, source: CheapEvidence, dpk: DomainPublicKey, seconds: float, pid: int, threads: int
+) -> dict[str, Any]:
+    """Executor calls that each need the key of one new object, ``threads`` at a time, under one token:
+    the executor's own key path (``Executor._keys``: calls under one token share fetches), through
+    ``KBSKeyReleaser`` and one gRPC channel, as on a node running that many tasks."""
+    from enclave_actors.daemon import Executor
+    from enclave_actors.keys import KBSKeyReleaser, NodeFacts
+    from ray_confidential.sealed.format import SealedHeader
+
+    facts = NodeFacts(tee=source.kind, node_id="node-1", cluster_id=CLUSTER, pool="pool-1", region="eu")
+    releaser = KBSKeyReleaser(connect, facts=facts, evidence=source.evidence)
+    executor = Executor(releaser, facts)
+    headers = [SealedHeader.parse(seal(b"y" * 1024, dpk)) for _ in range(int(seconds * 4000) + 200)]
+    executor._keys(BUNDLE, (DOMAIN,), headers[:1])  # the token
+    fetches0, stop, counter, done = (
+        executor._together.calls,
+        time.monotonic() + seconds,
+        iter(range(1, len(headers))),
+        [0],
+    )
+
+    def worker() -> None:
+        for i in counter:
+            if time.monotonic() >= stop:
+                return
+            executor._keys(BUNDLE, (DOMAIN,), [headers[i]])
+            done[0] += 1
+
+    s0, c0, w0, x0 = _cpu(pid), time.process_time(), time.monotonic(), _switches(pid)
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    wall, n = time.monotonic() - w0, done[0]
+    releaser.close()
+    return {"calls_in_flight": threads, "unwraps": n, "per_second": n / wall,
+            "broker_requests_per_second": (executor._together.calls - fetches0) / wall,
+            "broker_cpu_ms_per_unwrap": 1e3 * (_cpu(pid) - s0) / n,
+            "executor_cpu_ms_per_unwrap": 1e3 * (time.process_time() - c0) / n,
+            "broker_context_switches_per_unwrap": (_switches(pid) - x0) / n}  # fmt: skip
+
+
 def memory_per_10k_sessions() -> dict[str, Any]:
     store = ChallengeStore(ttl=30, clock=time.time, max_outstanding=20_000)
     tracemalloc.start()
@@ -356,6 +400,10 @@ def main() -> int:
                 results["cached_token_unwraps_batched"] = cached_unwraps(
                     pool[: args.batch_threads], token, key, blobs, args.seconds, pid, batch=args.batch
                 )
+            results["executor_calls_one_new_object_each"] = executor_unwraps(
+                lambda: KBSClient(target, release_public_key=info["release"], ca_cert=pki.ca_pem, timeout=30),
+                source, dpk, args.seconds, pid, args.threads,
+            )  # fmt: skip
         results["memory_per_10k_sessions"] = memory_per_10k_sessions()
         parent.send("stop")
         proc.join(30)
@@ -412,6 +460,11 @@ def main() -> int:
         parts.append(f"batched {b['objects_per_rpc']} per RPC {b['per_second']:.0f}/s ({b['rpcs_per_second']:.0f} RPCs/s; "
                      f"broker {b['broker_cpu_ms_per_unwrap']:.2f} ms, load generator {b['loadgen_cpu_ms_per_unwrap']:.2f} ms, "
                      f"{b['broker_context_switches_per_unwrap']:.1f} switches each)")  # fmt: skip
+    if "executor_calls_one_new_object_each" in results:
+        e = results["executor_calls_one_new_object_each"]
+        parts.append(f"executor, {e['calls_in_flight']} one-object calls in flight: {e['per_second']:.0f} unwraps/s "
+                     f"({e['broker_requests_per_second']:.0f} broker requests/s; broker {e['broker_cpu_ms_per_unwrap']:.2f} ms, "
+                     f"executor {e['executor_cpu_ms_per_unwrap']:.2f} ms each)")  # fmt: skip
     parts.append(f"{results['memory_per_10k_sessions']['bytes'] / 1e6:.1f} MB per 10k sessions")
     print(f"kbs ({args.kind}, TLS, {os.cpu_count()} CPUs): " + "; ".join(parts))
     return 0

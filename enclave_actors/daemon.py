@@ -48,12 +48,13 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from enclave_actors import protocol
+from enclave_actors.coalesce import Coalescer
 from enclave_actors.keys import BrokerUnavailable, DomainInfo, Grant, KeyReleaser, NodeFacts, bundle_approved
 from enclave_actors.workers import Key, Worker, WorkerLoadError, WorkerPools
 from ray_confidential.bundle import Bundle
@@ -72,6 +73,8 @@ ROUTING_RETRY_S = 30.0
 """Retry interval after the broker refused a routing token."""
 INLINE_INPUT_LIMIT = 1 << 20
 MAX_KEYS_WITH_TOKEN = 16
+MAX_KEYS_PER_FETCH = 64
+"""Objects whose keys one broker call fetches (``UnwrapMany``'s limit, docs/kbs.md "Batched unwraps")."""
 """Most data keys asked for together with a fresh token (the broker's limit per Attest)."""
 SEALED_HEADER_BYTES = 5 + MAX_SEALED_HEADER
 """Version byte, u32 header length and the longest header (docs/sealed-format.md)."""
@@ -215,6 +218,9 @@ class Executor:
         self._last_broker_ok = clock()
         self.unavailable: str | None = None
         self.inputs = _InputCache(self.limits.input_cache_bytes)
+        self._together: Coalescer[str, Grant, SealedHeader, bytes | KeyReleaseDenied] = Coalescer(
+            self._fetch_deks, max_items=MAX_KEYS_PER_FETCH
+        )
         self.stats = {"unwraps": 0, "grants": 0, "workers_started": 0, "actors_started": 0, "inputs_known": 0}
         self._report = threading.local()
 
@@ -301,9 +307,9 @@ class Executor:
 
         Without a valid cached token, one broker call attests and unwraps the objects whose keys are
         not cached (``grant_with_keys``, at most :data:`MAX_KEYS_WITH_TOKEN`): one round trip fewer
-        per fresh call. With a token, two or more uncached keys come from one ``unwrap_many`` call
-        (:meth:`_batch_deks`). If the broker refuses either, the step-by-step path below runs again,
-        so that the refusal the shim sees (and the metrics) name the step that failed.
+        per fresh call; if the broker refuses it, the step-by-step path below runs again, so that the
+        refusal the shim sees (and the metrics) name the step that failed. With a token, uncached keys
+        are fetched together with those of concurrent calls (:meth:`_batch_deks`).
         """
         combined = getattr(self.releaser, "grant_with_keys", None)
         if combined is not None and self._cached_grant(digest, domains) is None:
@@ -326,26 +332,57 @@ class Executor:
         return grant, [self._dek(grant, h) for h in headers]
 
     def _batch_deks(self, grant: Grant, headers: list[SealedHeader]) -> None:
-        """With a token, fetch the keys of 2 or more uncached objects in one broker call
-        (``unwrap_many``) and cache them. If the broker refuses it, nothing is kept: the caller's
-        per-object path asks again, so that the refusal it reports names the object."""
-        many = getattr(self.releaser, "unwrap_many", None)
-        if many is None:
-            return
+        """With a token, the keys of the uncached objects of ``headers``, fetched together with those
+        of concurrent calls under the same token (:class:`~enclave_actors.coalesce.Coalescer`: a call
+        alone fetches at once; calls that arrive while a fetch is in flight share the next one) and
+        cached. A refusal is raised for this call's own object only.
+
+        Raises:
+            KeyReleaseDenied: the broker refused the key of one of these objects.
+            CallRefused: the broker is unreachable (the executor fails closed).
+        """
         now = self.clock()
         missing = list({(h.object_id, h.header_hash): h for h in headers
-                        if self._cached_dek(h, now) is None}.values())  # fmt: skip
-        if len(missing) < 2:
-            return
-        try:
-            deks = self._with_broker(lambda: many(grant, tuple(missing), self.key, now=now))
-        except KeyReleaseDenied:
-            return  # ask again object by object (the caller) for a precise refusal
-        except CallRefused:
-            self._note("unwrap", "error")
-            raise
-        for header, dek in zip(missing, deks, strict=True):
+                        if self._cached_dek(h, now) is None}.items())  # fmt: skip
+        for at in range(0, len(missing), MAX_KEYS_PER_FETCH):
+            try:
+                results = self._together.run(
+                    grant.token_id, dict(missing[at : at + MAX_KEYS_PER_FETCH]), grant
+                )
+            except CallRefused:
+                self._note("unwrap", "error")
+                raise
+            for result in results.values():
+                if isinstance(result, KeyReleaseDenied):
+                    raise result
+
+    def _fetch_deks(self, grant: Grant, headers: Sequence[SealedHeader]) -> list[bytes | KeyReleaseDenied]:
+        """Fetch and cache the keys of ``headers`` (one batch of :meth:`_batch_deks`, on its leader's
+        thread): one ``unwrap_many`` for two or more; if the broker refuses that, or for one object,
+        one ``unwrap`` per object, so that each refusal names its object. A refusal is the item's
+        result; an unreachable broker raises for the whole batch."""
+        now = self.clock()
+        many = getattr(self.releaser, "unwrap_many", None)
+        if many is not None and len(headers) > 1:
+            try:
+                deks = self._with_broker(lambda: many(grant, tuple(headers), self.key, now=now))
+            except KeyReleaseDenied:
+                pass  # ask object by object for precise refusals
+            else:
+                for header, dek in zip(headers, deks, strict=True):
+                    self._keep_dek(grant, header, dek, now)
+                return list(deks)
+        out: list[bytes | KeyReleaseDenied] = []
+        for header in headers:
+            try:
+                dek = self._with_broker(partial(self.releaser.unwrap, grant, header, self.key, now=now))
+            except KeyReleaseDenied as exc:
+                self._note("unwrap", "denied")
+                out.append(exc)
+                continue
             self._keep_dek(grant, header, dek, now)
+            out.append(dek)
+        return out
 
     def _cached_grant(self, digest: bytes, domains: tuple[str, ...]) -> Grant | None:
         with self._lock:

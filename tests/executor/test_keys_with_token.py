@@ -4,6 +4,8 @@ the error names the step (the executor core, in-process, over the real developme
 
 from __future__ import annotations
 
+import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,3 +139,56 @@ def test_a_refused_batch_is_asked_again_object_by_object(core: Any) -> None:
     report = executor.end_report()
     assert counting.calls == ["unwrap_many", "unwrap", "unwrap", "unwrap"]
     assert report["unwrap"] == {"granted": 2, "denied": 1}
+
+
+def test_concurrent_calls_under_one_token_share_a_key_fetch(core: Any) -> None:
+    """Calls that need keys while the executor's fetch is in flight share the next one (one
+    UnwrapMany for all of them), and each gets the key of its own object."""
+    executor, counting, service = core
+    executor._keys(TOTAL.digest, ("exec-a",), [SealedHeader.parse(_sealed(service, "exec-a", np.ones(1)))])
+    gate, entered = threading.Event(), threading.Semaphore(0)
+    counted_unwrap = executor.releaser.unwrap
+
+    def held(*args: Any, **kwargs: Any) -> Any:  # lone fetches stay in flight until released
+        entered.release()
+        assert gate.wait(10)
+        return counted_unwrap(*args, **kwargs)
+
+    executor.releaser.unwrap = held  # type: ignore[method-assign]
+    objects = [_sealed(service, "exec-a", np.full(2, float(i))) for i in range(6)]
+    counting.calls.clear()
+    counting.rpcs.clear()
+    deks: dict[int, bytes] = {}
+
+    def call(i: int) -> None:
+        deks[i] = executor._keys(TOTAL.digest, ("exec-a",), [SealedHeader.parse(objects[i])])[1][0]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    threads[0].start()
+    assert entered.acquire(timeout=10)  # alone: at once
+    for t in threads[1:]:
+        t.start()
+    deadline = time.monotonic() + 10
+    while sum(len(b.items) for b in executor._together._open.values()) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert counting.rpcs == ["Unwrap", "UnwrapMany"] and executor._together.calls == 2
+    assert [open_with_dek(objects[i], deks[i], allow_pickle=False).sum() for i in range(6)] == [
+        0.0, 2.0, 4.0, 6.0, 8.0, 10.0
+    ]  # fmt: skip
+
+
+def test_a_refused_object_in_a_shared_fetch_fails_only_its_own_call(core: Any) -> None:
+    executor, counting, service = core
+    executor._keys(TOTAL.digest, ("exec-a",), [SealedHeader.parse(_sealed(service, "exec-a", np.ones(1)))])
+    mine = SealedHeader.parse(_sealed(service, "exec-a", np.ones(2)))
+    foreign = SealedHeader.parse(_sealed(service, "exec-b", np.ones(3)))  # the token names exec-a only
+    grant = executor._cached_grant(TOTAL.digest, ("exec-a",))
+    assert grant is not None
+    counting.calls.clear()
+    results = executor._fetch_deks(grant, [mine, foreign])  # one batch of two calls' objects
+    assert counting.calls == ["unwrap_many", "unwrap", "unwrap"]
+    assert isinstance(results[1], KeyReleaseDenied) and str(foreign.object_id.hex()) in str(results[1])
+    assert isinstance(results[0], bytes) and executor._cached_dek(mine, executor.clock()) == results[0]
