@@ -209,6 +209,7 @@ class Executor:
         self.key = executor_key or hpke.generate_private_key()
         self._lock = threading.Lock()
         self._grants: dict[tuple[bytes, tuple[str, ...]], Grant] = {}
+        self._grant_locks: dict[tuple[bytes, tuple[str, ...]], threading.Lock] = {}
         self._deks: dict[tuple[bytes, bytes], tuple[bytearray, float]] = {}
         self._bundles: dict[bytes, Bundle] = {}
         self.pools = WorkerPools(per_key=min(self.limits.workers_per_bundle, self.limits.max_workers),
@@ -313,20 +314,21 @@ class Executor:
         """
         combined = getattr(self.releaser, "grant_with_keys", None)
         if combined is not None and self._cached_grant(digest, domains) is None:
-            now = self.clock()
-            missing = list({(h.object_id, h.header_hash): h for h in headers
-                            if self._cached_dek(h, now) is None}.values())  # fmt: skip
-            if 0 < len(missing) <= MAX_KEYS_WITH_TOKEN:
-                try:
-                    fresh, deks = self._with_broker(lambda: combined(
-                        bundle_digest=digest, domains=domains, headers=tuple(missing), executor_key=self.key,
-                        now=now))  # fmt: skip
-                except KeyReleaseDenied:
-                    pass  # ask again step by step (below) for a precise refusal
-                else:
-                    self._keep_grant(digest, domains, fresh)
-                    for header, dek in zip(missing, deks, strict=True):
-                        self._keep_dek(fresh, header, dek, now)
+            with self._granting(digest, domains):  # concurrent fresh calls wait for this one's token
+                now = self.clock()
+                missing = list({(h.object_id, h.header_hash): h for h in headers
+                                if self._cached_dek(h, now) is None}.values())  # fmt: skip
+                if self._cached_grant(digest, domains) is None and 0 < len(missing) <= MAX_KEYS_WITH_TOKEN:
+                    try:
+                        fresh, deks = self._with_broker(lambda: combined(
+                            bundle_digest=digest, domains=domains, headers=tuple(missing), executor_key=self.key,
+                            now=now))  # fmt: skip
+                    except KeyReleaseDenied:
+                        pass  # ask again step by step (below) for a precise refusal
+                    else:
+                        self._keep_grant(digest, domains, fresh)
+                        for header, dek in zip(missing, deks, strict=True):
+                            self._keep_dek(fresh, header, dek, now)
         grant = self._grant(digest, domains)
         self._batch_deks(grant, headers)
         return grant, [self._dek(grant, h) for h in headers]
@@ -424,19 +426,28 @@ class Executor:
             )
         self.stats["unwraps"] += 1
 
+    def _granting(self, digest: bytes, domains: tuple[str, ...]) -> threading.Lock:
+        """The lock a call holds while it attests for (digest, domains): concurrent calls that need the
+        same token wait for it instead of attesting again."""
+        with self._lock:
+            return self._grant_locks.setdefault((digest, domains), threading.Lock())
+
     def _grant(self, digest: bytes, domains: tuple[str, ...]) -> Grant:
         grant = self._cached_grant(digest, domains)
-        if grant is not None:
-            self._report.attested_until = grant.expires_at
-            return grant
-        with self._noting("attest"):
-            fresh: Grant = self._with_broker(
-                lambda: self.releaser.grant(
-                    bundle_digest=digest, domains=domains, executor_key=self.key, now=self.clock()
-                )
-            )
-        self._keep_grant(digest, domains, fresh)
-        return fresh
+        if grant is None:
+            with self._granting(digest, domains):
+                grant = self._cached_grant(digest, domains)
+                if grant is None:
+                    with self._noting("attest"):
+                        fresh: Grant = self._with_broker(
+                            lambda: self.releaser.grant(
+                                bundle_digest=digest, domains=domains, executor_key=self.key, now=self.clock()
+                            )
+                        )
+                    self._keep_grant(digest, domains, fresh)
+                    return fresh
+        self._report.attested_until = grant.expires_at
+        return grant
 
     def _dek(self, grant: Grant, header: SealedHeader) -> bytes:
         now = self.clock()

@@ -192,3 +192,40 @@ def test_a_refused_object_in_a_shared_fetch_fails_only_its_own_call(core: Any) -
     assert counting.calls == ["unwrap_many", "unwrap", "unwrap"]
     assert isinstance(results[1], KeyReleaseDenied) and str(foreign.object_id.hex()) in str(results[1])
     assert isinstance(results[0], bytes) and executor._cached_dek(mine, executor.clock()) == results[0]
+
+
+def test_concurrent_fresh_calls_attest_once(core: Any) -> None:
+    """Calls that need a token while another call attests for it wait for that token instead of
+    attesting again; then their keys come from a shared fetch."""
+    executor, counting, service = core
+    gate, entered = threading.Event(), threading.Event()
+    counted = executor.releaser.grant_with_keys
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        assert gate.wait(10)
+        return counted(*args, **kwargs)
+
+    executor.releaser.grant_with_keys = held  # type: ignore[method-assign]
+    objects = [_sealed(service, "exec-a", np.full(3, float(i))) for i in range(4)]
+    deks: dict[int, bytes] = {}
+
+    def call(i: int) -> None:
+        deks[i] = executor._keys(TOTAL.digest, ("exec-a",), [SealedHeader.parse(objects[i])])[1][0]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    threads[0].start()
+    assert entered.wait(10)
+    for t in threads[1:]:
+        t.start()
+    time.sleep(0.3)  # let them reach the token (a late one finds it cached: the assertions hold either way)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert counting.calls.count("grant_with_keys") + counting.calls.count("grant") == 1
+    assert [open_with_dek(objects[i], deks[i], allow_pickle=False).sum() for i in range(4)] == [
+        0.0,
+        3.0,
+        6.0,
+        9.0,
+    ]
