@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--pool", default="")
     p.add_argument("--region", default="")
+    p.add_argument("--attestation", default="auto",
+                   choices=("auto", "simulated", "configfs-tsm", "sev-guest", "gramine", "nsm"),
+                   help="evidence source: auto = the simulated device when the launch data has development "
+                        "roots, else this TEE's guest interface (configfs-tsm, /dev/sev-guest, Gramine, "
+                        "/dev/nsm; docs/collectors.md)")  # fmt: skip
+    p.add_argument("--privlevel", type=int, default=0, choices=range(4), metavar="0-3",
+                   help="SEV-SNP: the VMPL the executor runs at, reported in its evidence (default 0)")  # fmt: skip
+    p.add_argument("--tee-cert", type=Path, action="append", default=[], metavar="FILE",
+                   help="SEV-SNP: VCEK/VLEK chain certificate (DER or PEM), repeatable, for hosts that "
+                        "provide no certificate table")  # fmt: skip
     p.add_argument("--device-socket", help="simulated attestation device socket (default: SOCKET.device)")
     p.add_argument("--launch-data", type=Path,
                    help="0600 JSON file: broker target, pinned release key, CA, cluster id, simulated roots")  # fmt: skip
@@ -96,9 +106,38 @@ def _launch_data(args: argparse.Namespace) -> Any:
                       cluster_id=args.cluster_id or "dev", dev_roots=roots)  # fmt: skip
 
 
+def _evidence_source(args: argparse.Namespace, launch: Any) -> tuple[Callable[[Any], Any], Any]:
+    """``(evidence(binding), simulated device or None)`` for ``--attestation``: the simulated device
+    when the launch data carries development roots (``auto`` or ``simulated``), else this TEE's guest
+    interface (``enclave_actors.hardware``).
+
+    Raises:
+        ValueError: the choice cannot serve this node (no interface, no development roots, ...).
+        OSError: a certificate file cannot be read.
+    """
+    if args.attestation == "simulated" or (args.attestation == "auto" and launch.dev_roots is not None):
+        if launch.dev_roots is None:
+            raise ValueError("--attestation simulated needs development roots (launch data dev_roots or "
+                             "--simulated-launch-data)")  # fmt: skip
+        from enclave_actors.device import SimulatedDevice, request_evidence
+        from ray_confidential.testing.simulated import DevRootOfTrust, SimulatedTEE
+
+        roots = DevRootOfTrust.from_launch_data(launch.dev_roots)
+        tee = SimulatedTEE(args.tee, root=f"untrusted-{args.node_id}" if args.untrusted_device else roots,
+                           measurement=bytes.fromhex(args.measurement) if args.measurement else None,
+                           debug=args.debug_tee)  # fmt: skip
+        device_path = args.device_socket or args.socket + ".device"
+        device = SimulatedDevice(device_path, tee)
+        device.start()
+        return (lambda binding: request_evidence(device_path, binding)), device
+    from enclave_actors.hardware import hardware_evidence
+
+    certs = tuple(path.read_bytes() for path in args.tee_cert)
+    return hardware_evidence(args.tee, args.attestation, privlevel=args.privlevel, certs=certs), None
+
+
 def run_executor(args: argparse.Namespace) -> int:
     from enclave_actors.daemon import Executor, ExecutorServer, Limits
-    from enclave_actors.device import SimulatedDevice, request_evidence
     from enclave_actors.harden import die_with_parent, harden
     from enclave_actors.keys import KBSKeyReleaser, NodeFacts
 
@@ -114,28 +153,22 @@ def run_executor(args: argparse.Namespace) -> int:
     facts = NodeFacts(
         tee=args.tee, node_id=args.node_id, cluster_id=launch.cluster_id, pool=args.pool, region=args.region
     )
-    device_path = args.device_socket or args.socket + ".device"
-    if launch.dev_roots is None:
-        print("executor: no attestation device configured (hardware collectors: see docs/executor.md)",
-              file=sys.stderr)  # fmt: skip
+    try:
+        evidence, device = _evidence_source(args, launch)
+    except (OSError, ValueError) as exc:
+        print(f"executor: {exc}", file=sys.stderr)
         return 2
-    from ray_confidential.testing.simulated import DevRootOfTrust, SimulatedTEE
-
-    roots = DevRootOfTrust.from_launch_data(launch.dev_roots)
-    tee = SimulatedTEE(args.tee, root=f"untrusted-{args.node_id}" if args.untrusted_device else roots,
-                       measurement=bytes.fromhex(args.measurement) if args.measurement else None,
-                       debug=args.debug_tee)  # fmt: skip
-    device = SimulatedDevice(device_path, tee)
-    device.start()
     try:
         releaser = KBSKeyReleaser(
             lambda: launch.connect(timeout=min(5.0, max(0.5, args.broker_wait))),
             facts=facts,
-            evidence=lambda binding: request_evidence(device_path, binding),
+            evidence=evidence,
             owner_ca=launch.owner_ca,
         )
     except ValueError as exc:
         print(f"executor: {exc}", file=sys.stderr)
+        if device is not None:
+            device.close()
         return 2
     limits = Limits(call_timeout=args.call_timeout, memory_limit_bytes=args.memory_limit_mb << 20)
     if args.workers_per_bundle is not None:
@@ -160,7 +193,8 @@ def run_executor(args: argparse.Namespace) -> int:
         "executor ready on %s (pid %d, tee %s)", args.socket, os.getpid(), args.tee
     )
     server.wait()
-    device.close()
+    if device is not None:
+        device.close()
     return 0
 
 

@@ -32,6 +32,7 @@ from ray_confidential.attestation.collect.sev_guest import (
 from ray_confidential.attestation.evidence import Evidence
 from ray_confidential.attestation.policy import AppraisalPolicy
 from ray_confidential.testing.simulated import DevRootOfTrust, SimulatedTEE, available_kinds
+from tests.attestation.fake_kernel import FakeTSM, snp_maker
 
 B = Binding(nonce=b"\x31" * 32, executor_public_key=b"\x32" * 32, hpke_suite="X25519-HKDF-SHA256-AES-256-GCM",
             cluster_id="cluster", bundle_digest=b"\x33" * 32)  # fmt: skip
@@ -50,76 +51,13 @@ def cert_table(certs: dict[str, bytes]) -> bytes:
     return entries + bytes(24) + blobs
 
 
-class FakeTSM(FileOps):
-    """Emulates the kernel side of configfs-tsm over a tmp directory: attribute files appear on mkdir,
-    writes to inblob/privlevel bump ``generation``, reading outblob runs the provider."""
-
-    def __init__(
-        self, provider: str, make: Any, *, privlevel_floor: int | None = 0, interfere: bool = False
-    ) -> None:
-        self.provider, self.make, self.floor, self.interfere = provider, make, privlevel_floor, interfere
-        self.instances: list[Path] = []
-        self.removed: list[Path] = []
-        self.writes: list[tuple[str, bytes]] = []
-
-    def mkdir(self, path: Path) -> None:
-        path.mkdir()
-        self.instances.append(path)
-        (path / "provider").write_text(self.provider + "\n")
-        (path / "generation").write_text("0\n")
-        (path / "inblob").write_bytes(b"")
-        if self.floor is not None:
-            (path / "privlevel").write_text("0\n")
-            (path / "privlevel_floor").write_text(f"{self.floor}\n")
-
-    def rmdir(self, path: Path) -> None:
-        for child in path.iterdir():
-            child.unlink()
-        path.rmdir()
-        self.removed.append(path)
-
-    def write(self, path: Path, data: bytes) -> None:
-        self.writes.append((path.name, data))
-        if path.name not in ("inblob", "privlevel"):
-            raise PermissionError(path)
-        path.write_bytes(data)
-        gen = path.parent / "generation"
-        gen.write_text(f"{int(gen.read_text()) + 1}\n")
-
-    def read(self, path: Path) -> bytes:
-        if path.name == "outblob":
-            inst = path.parent
-            privlevel = int((inst / "privlevel").read_text()) if (inst / "privlevel").exists() else None
-            out, aux = self.make((inst / "inblob").read_bytes(), privlevel)
-            if aux is not None:
-                (inst / "auxblob").write_bytes(aux)
-            if self.interfere:  # another process writes inblob between our write and read
-                gen = inst / "generation"
-                gen.write_text(f"{int(gen.read_text()) + 1}\n")
-            return bytes(out)
-        return path.read_bytes()
-
-
-def _snp_maker(root: Any) -> Any:
-    from ray_confidential.testing import snp_fake
-
-    def make(inblob: bytes, privlevel: int | None) -> tuple[bytes, bytes]:
-        # An extended report is the report followed by the GHCB certificate table: exactly what the
-        # kernel splits into outblob and auxblob.
-        fake = snp_fake.build_evidence(root, report_data=inblob, measurement=SimulatedTEE("sev-snp").measurement,
-                                       vmpl=privlevel or 0, extended=True)  # fmt: skip
-        return fake.evidence[:1184], fake.evidence[1184:]
-
-    return make
-
-
 # ---- configfs-tsm ------------------------------------------------------------------------------------
 
 
 @pytest.mark.skipif(not SNP, reason="sev-snp backend or simulator not built")
 def test_configfs_tsm_snp_report_attests_end_to_end(tmp_path: Path) -> None:
     dev = DevRootOfTrust.for_process()
-    ops = FakeTSM("sev_guest", _snp_maker(dev.root("sev-snp")))
+    ops = FakeTSM("sev_guest", snp_maker(dev.root("sev-snp")))
     report = collect_configfs_tsm(B.report_data(), privlevel=0, base=tmp_path, ops=ops)
     assert report.provider == "sev_guest" and report.generation == 2 and report.privlevel == 0
     assert ("privlevel", b"0") in ops.writes and ("inblob", B.report_data()) in ops.writes
