@@ -73,9 +73,9 @@ ROUTING_RETRY_S = 30.0
 """Retry interval after the broker refused a routing token."""
 INLINE_INPUT_LIMIT = 1 << 20
 MAX_KEYS_WITH_TOKEN = 16
+"""Most data keys asked for together with a fresh token (the broker's limit per Attest)."""
 MAX_KEYS_PER_FETCH = 64
 """Objects whose keys one broker call fetches (``UnwrapMany``'s limit, docs/kbs.md "Batched unwraps")."""
-"""Most data keys asked for together with a fresh token (the broker's limit per Attest)."""
 SEALED_HEADER_BYTES = 5 + MAX_SEALED_HEADER
 """Version byte, u32 header length and the longest header (docs/sealed-format.md)."""
 
@@ -222,7 +222,7 @@ class Executor:
         self._together: Coalescer[str, Grant, SealedHeader, bytes | KeyReleaseDenied] = Coalescer(
             self._fetch_deks, max_items=MAX_KEYS_PER_FETCH
         )
-        self.stats = {"unwraps": 0, "grants": 0, "workers_started": 0, "actors_started": 0, "inputs_known": 0}
+        self.stats = {"unwraps": 0, "grants": 0, "actors_started": 0, "inputs_known": 0}
         self._report = threading.local()
 
     # -- per-request report (metrics: the shim records it, docs/executor.md "Protocol") --------------
