@@ -41,7 +41,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--socket", required=True, help="Unix socket for shims (created mode 0660)")
     p.add_argument("--socket-mode", default="660", help="octal mode of the shim socket (default 660)")
     p.add_argument("--tee", required=True, choices=("sev-snp", "tdx", "sgx", "nitro"))
-    p.add_argument("--node-id", required=True, help="hex Ray node id of this node")
+    p.add_argument("--node-id", required=True,
+                   help="hex Ray node id of this node, or auto: wait for `ray start` on this host and take the "
+                        "id its session directory names (enclave_actors/local_node.py)")  # fmt: skip
+    p.add_argument("--ray-session-dir", type=Path, default=None, metavar="DIR",
+                   help="with --node-id auto: Ray's session directory (default /tmp/ray/session_latest)")  # fmt: skip
+    p.add_argument("--node-id-wait", type=float, default=600.0, metavar="S",
+                   help="with --node-id auto: how long to wait for Ray to start here (default 600 s)")  # fmt: skip
     p.add_argument(
         "--cluster-id", help="cluster identity bound into evidence (default: launch data, else dev)"
     )
@@ -145,6 +151,16 @@ def run_executor(args: argparse.Namespace) -> int:
     if args.die_with_parent:
         die_with_parent(signal.SIGTERM)
     harden()
+    if args.node_id == "auto":
+        from enclave_actors.local_node import DEFAULT_SESSION_DIR, wait_for_local_node_id
+
+        try:
+            args.node_id = wait_for_local_node_id(args.ray_session_dir or DEFAULT_SESSION_DIR,
+                                                  wait_s=args.node_id_wait)  # fmt: skip
+        except (TimeoutError, ValueError) as exc:
+            print(f"executor: --node-id auto: {exc}", file=sys.stderr)
+            return 2
+        logging.getLogger(__name__).info("executor: this host's Ray node is %s", args.node_id)
     try:
         launch = _launch_data(args)
     except (OSError, ValueError) as exc:

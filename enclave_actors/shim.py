@@ -317,11 +317,16 @@ def node_socket_path(node_id: str) -> str:
     return os.path.join(RUNTIME_DIR, f"{node_id[:32]}.sock")
 
 
+NODE_SOCKET = "/run/ray-confidential/executor.sock"
+"""Where a node image's executor listens (``ray-confidential pools render`` starts it there)."""
+
+
 def resolve_socket_path() -> str:
-    """``$RAY_CONFIDENTIAL_EXECUTOR_SOCKET``, else :func:`node_socket_path` of this Ray node if present.
+    """``$RAY_CONFIDENTIAL_EXECUTOR_SOCKET``, else :func:`node_socket_path` of this Ray node, else
+    :data:`NODE_SOCKET`, whichever exists first.
 
     Raises:
-        KeyReleaseDenied: neither exists (a confidential call forced onto a node without executor).
+        KeyReleaseDenied: none exists (a confidential call forced onto a node without executor).
     """
     path = os.environ.get(SOCKET_ENV)
     if path:
@@ -332,16 +337,18 @@ def resolve_socket_path() -> str:
         candidate = node_socket_path(ray.get_runtime_context().get_node_id())
     except Exception:
         candidate = ""
-    if candidate and os.path.exists(candidate):
-        return candidate
+    for found in (candidate, NODE_SOCKET):
+        if found and os.path.exists(found):
+            return found
     raise KeyReleaseDenied(
-        "this Ray node has no enclave executor (RAY_CONFIDENTIAL_EXECUTOR_SOCKET is unset and rc.init "
-        "started none here), so no key is released here: a confidential call was forced onto a node that "
-        "is not an attested TEE node"
+        "this Ray node has no enclave executor (RAY_CONFIDENTIAL_EXECUTOR_SOCKET is unset, rc.init started "
+        f"none here and {NODE_SOCKET} does not exist), so no key is released here: a confidential call was "
+        "forced onto a node that is not an attested TEE node"
     )
 
 
 __all__ = [
+    "NODE_SOCKET",
     "RUNTIME_DIR",
     "SOCKET_ENV",
     "CallFailed",

@@ -5,13 +5,21 @@
 
 from __future__ import annotations
 
-import ray._private.services as _services
+import re
+from typing import Final
+
+NODE_PORT_FILE: Final = re.compile(r"[a-z_]+_port_([0-9a-f]{56})")
+"""Per-node files Ray 2.60 writes in its session directory (``metrics_agent_port_<node id>``, ...):
+how an executor started before ``ray start`` learns its node's id (``enclave_actors/local_node.py``).
+Importing this module does not import Ray."""
 
 
 def running_cluster_address() -> str | None:
     """The cluster ``ray.init()`` with no address would connect to (RAY_ADDRESS, or the last
     ``ray start`` cluster on this host), or None when it would start a new local one."""
-    address: str | None = _services.canonicalize_bootstrap_address(None)  # type: ignore[arg-type]
+    import ray._private.services as services
+
+    address: str | None = services.canonicalize_bootstrap_address(None)  # type: ignore[arg-type]
     return address
 
 

@@ -52,6 +52,7 @@ ENCLAVE_SERVICES: Final = ("sgx", "nitro")
 K8S_PLATFORMS: Final = ("aks-cvm", "gke-confidential", "coco", "none")
 DEFAULT_IMAGE: Final = "rayproject/ray:2.60.0-py311"
 DEFAULT_EXECUTOR_COMMAND: Final = "ray-confidential executor"
+DEFAULT_LAUNCH_DATA: Final = "/etc/ray-confidential/launch.json"
 MAX_NODES_LIMIT: Final = 100_000
 SNP_CHIP_ID_HEX_LEN: Final = 128
 """SEV-SNP ATTESTATION_REPORT.CHIP_ID is 64 bytes (SEV-SNP ABI spec, Table 23)."""
@@ -389,24 +390,30 @@ class HeadConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExecutorConfig:
-    """How rendered nodes start the enclave executor before Ray (from the measured image).
+    """How rendered nodes start the enclave executor (from the measured image).
 
     Attributes:
-        command: executor command; render appends ``--tee --pool --region`` (and ``--broker``).
-        broker: key broker URL the executors use (pinned identity comes from the image, not from here).
+        command: executor command; render appends ``--socket --launch-data --node-id auto --tee
+            --pool --region`` (``scheduler/render.py``).
+        launch_data: the image's 0600 launch-data file: the broker's address, pinned release key and
+            CA, the cluster id (docs/executor.md "Running it").
+        broker: the key broker the launch data names, for the reader of the pools file only: the
+            executor takes its broker from the launch data in the image, never from here.
     """
 
     command: str = DEFAULT_EXECUTOR_COMMAND
+    launch_data: str = DEFAULT_LAUNCH_DATA
     broker: str | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> ExecutorConfig:
         if data is None:
             return cls()
-        d = _take(data, ("command", "broker"), "executor")
+        d = _take(data, ("command", "launch_data", "broker"), "executor")
         broker = d.get("broker")
         return cls(
             command=_str(d.get("command", DEFAULT_EXECUTOR_COMMAND), "executor.command"),
+            launch_data=_str(d.get("launch_data", DEFAULT_LAUNCH_DATA), "executor.launch_data"),
             broker=None if broker is None else _str(broker, "executor.broker"),
         )
 

@@ -18,12 +18,14 @@ Ray-up: the cluster launcher has one ``provider`` per config, so pools are group
 region and each group becomes one launcher document (a YAML stream); the head group (``head.provider``
 / ``head.region``, else the first pool's) comes first. Node-type ``labels`` reach ``ray start`` through
 the launcher (it exports them as ``RAY_OVERRIDE_LABELS``, Ray 2.60 ``autoscaler/_private/updater.py``);
-the per-type ``worker_setup_commands`` start the enclave executor before the global ``ray start``.
+the per-type ``worker_setup_commands`` start the enclave executor in the background before the global
+``ray start``; it waits for that node's id (``--node-id auto``) and then attests.
 
 KubeRay: one worker group per pool; ``rayStartParams.labels`` carries the labels; confidential node
 pools are selected with ``nodeSelector`` (AKS confidential-VM agent pools, Confidential GKE Nodes) or
 a ``runtimeClassName`` (Confidential Containers, kata-cc); the executor runs as a native sidecar
-(an init container with ``restartPolicy: Always``), so it is up before the Ray container starts.
+(an init container with ``restartPolicy: Always``) that shares the socket directory and Ray's
+``/tmp/ray`` with the Ray container, so it learns the node id when Ray starts there.
 
 What this does NOT do: check that the image is measured or that the cloud offers the instance type;
 labels are routing hints, the key broker enforces (design.md section 3).
@@ -45,6 +47,9 @@ from scheduler.pools import NodePool, PoolsConfig
 HEAD_TYPE: Final = "ray.head.default"
 HEAD_PORT: Final = 6379
 EXECUTOR_SOCKET_DIR: Final = "/run/ray-confidential"
+EXECUTOR_SOCKET: Final = f"{EXECUTOR_SOCKET_DIR}/executor.sock"
+RAY_TMP_DIR: Final = "/tmp/ray"  # noqa: S108 - Ray's own default temp dir, where its session directory is
+"""Must equal ``enclave_actors.shim.NODE_SOCKET`` (checked by tests/scheduler/test_render.py)."""
 KUBERAY_API_VERSION: Final = "ray.io/v1"
 GKE_CONFIDENTIAL_LABEL: Final = "cloud.google.com/gke-confidential-nodes-instance-type"
 AKS_AGENTPOOL_LABEL: Final = "kubernetes.azure.com/agentpool"
@@ -54,9 +59,17 @@ _PROVIDER_TYPE: Final = {"aws": "aws", "azure": "azure", "gcp": "gcp", "on-prem"
 
 
 def executor_command(cfg: PoolsConfig, pool: NodePool) -> str:
-    """The shell command that starts the pool's enclave executor (quoted)."""
+    """The shell command that starts the pool's enclave executor (quoted): on the socket shims look for
+    (``enclave_actors.shim.NODE_SOCKET``), with the image's launch data, taking the node id of the
+    ``ray start`` that follows on this host (``--node-id auto``, ``enclave_actors/local_node.py``)."""
     parts = [
         *shlex.split(cfg.executor.command),
+        "--socket",
+        EXECUTOR_SOCKET,
+        "--launch-data",
+        cfg.executor.launch_data,
+        "--node-id",
+        "auto",
         "--tee",
         pool.tee,
         "--pool",
@@ -64,9 +77,12 @@ def executor_command(cfg: PoolsConfig, pool: NodePool) -> str:
         "--region",
         pool.region,
     ]
-    if cfg.executor.broker:
-        parts += ["--broker", cfg.executor.broker]
     return shlex.join(parts)
+
+
+def _background(command: str) -> str:
+    """``command`` started in the background of a launcher setup step, its output in a log file."""
+    return f"mkdir -p {EXECUTOR_SOCKET_DIR} && (nohup {command} > /tmp/ray-confidential-executor.log 2>&1 &)"
 
 
 def _labels_param(labels: Mapping[str, str]) -> str:
@@ -176,8 +192,8 @@ def render_ray_up(cfg: PoolsConfig) -> list[dict[str, Any]]:
         }
         if provider == "on-prem":
             [pool] = pools
-            # Runs before worker_start_ray_commands: the executor is up before Ray starts.
-            doc["worker_setup_commands"] = [executor_command(cfg, pool)]
+            # Runs before worker_start_ray_commands: the executor waits for the node id of that ray start.
+            doc["worker_setup_commands"] = [_background(executor_command(cfg, pool))]
             doc.update(_start_commands(pool.ray_labels()))
             docs.append(doc)
             continue
@@ -197,9 +213,9 @@ def render_ray_up(cfg: PoolsConfig) -> list[dict[str, Any]]:
                 # The launcher hands these to `ray start` as RAY_OVERRIDE_LABELS.
                 "labels": p.ray_labels(),
                 "node_config": _node_config(provider, p, p.instance_type, p.node_config),
-                # Runs before worker_start_ray_commands: the executor is up (and has attested) before
-                # Ray starts, so the node joins Ray already able to serve confidential calls.
-                "worker_setup_commands": [executor_command(cfg, p)],
+                # Runs before worker_start_ray_commands: the executor waits in the background for the
+                # node id of that ray start, then attests (the node is routed to once admitted).
+                "worker_setup_commands": [_background(executor_command(cfg, p))],
             }
         doc["available_node_types"] = node_types
         doc["head_node_type"] = HEAD_TYPE
@@ -243,6 +259,8 @@ def _container_resources(resources: Mapping[str, int]) -> dict[str, Any]:
 def render_kuberay(cfg: PoolsConfig, *, namespace: str | None = None) -> dict[str, Any]:
     """A KubeRay ``ray.io/v1`` RayCluster with one worker group per pool."""
     socket_mount = {"name": "rc-executor", "mountPath": EXECUTOR_SOCKET_DIR}
+    # The sidecar reads the Ray container's session directory for its node id (--node-id auto).
+    session_mount = {"name": "ray-session", "mountPath": RAY_TMP_DIR}
     groups = []
     for p in cfg.pools:
         selector, runtime = _k8s_placement(p)
@@ -253,7 +271,7 @@ def render_kuberay(cfg: PoolsConfig, *, namespace: str | None = None) -> dict[st
                     "image": cfg.image,
                     "command": shlex.split(executor_command(cfg, p)),
                     "restartPolicy": "Always",  # native sidecar: started, and kept, before ray-worker
-                    "volumeMounts": [socket_mount],
+                    "volumeMounts": [socket_mount, session_mount],
                 }
             ],
             "containers": [
@@ -261,10 +279,13 @@ def render_kuberay(cfg: PoolsConfig, *, namespace: str | None = None) -> dict[st
                     "name": "ray-worker",
                     "image": cfg.image,
                     "resources": _container_resources(p.resources),
-                    "volumeMounts": [socket_mount],
+                    "volumeMounts": [socket_mount, session_mount],
                 }
             ],
-            "volumes": [{"name": "rc-executor", "emptyDir": {"medium": "Memory"}}],
+            "volumes": [
+                {"name": "rc-executor", "emptyDir": {"medium": "Memory"}},
+                {"name": "ray-session", "emptyDir": {}},
+            ],
         }
         if selector:
             pod_spec["nodeSelector"] = selector

@@ -2,12 +2,14 @@
 
 Covered: the pinned version, bootstrap-address discovery (``ray._private.services``), out-of-band
 pickle-5 buffers surviving ``ray.put``/``ray.get`` (the sealed payload is one PickleBuffer), the
-``ray.io/node-id`` label, and ``ray.cluster_utils.Cluster`` arguments used by the tests.
+``ray.io/node-id`` label, the per-node port files in the session directory that name the node id
+(``_ray_compat.NODE_PORT_FILE``), and ``ray.cluster_utils.Cluster`` arguments used by the tests.
 """
 
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 import ray
@@ -52,5 +54,10 @@ def test_out_of_band_buffer_and_node_label() -> None:
         assert view.readonly and bytes(view) == bytes(payload)  # zero-copy view into plasma
         node = ray.nodes()[0]
         assert node["Labels"]["ray.io/node-id"] == node["NodeID"]
+        # An executor started before `ray start` learns the node id from the session directory.
+        from enclave_actors.local_node import wait_for_local_node_id
+
+        session_dir = Path(ray._private.worker.global_worker.node.get_session_dir_path())
+        assert wait_for_local_node_id(session_dir, wait_s=10) == node["NodeID"]
     finally:
         ray.shutdown()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
 from pathlib import Path
 
 import jsonschema
@@ -10,9 +12,11 @@ import pytest
 import ray
 import yaml
 
+from enclave_actors.cli import add_parser
+from enclave_actors.shim import NODE_SOCKET
 from scheduler import cli
 from scheduler.labels import POOL_LABEL, REGION_LABEL, TEE_LABEL
-from scheduler.pools import PoolsConfig
+from scheduler.pools import DEFAULT_LAUNCH_DATA, PoolsConfig
 from scheduler.render import render, render_kuberay, render_ray_up
 from tests.scheduler.conftest import POOLS_YAML
 
@@ -118,8 +122,8 @@ def test_ray_up_validates_against_rays_schema(cfg: PoolsConfig) -> None:
             assert nt["labels"] == pool.ray_labels()
             assert (nt["min_workers"], nt["max_workers"]) == (pool.min_nodes, pool.max_nodes)
             [setup] = nt["worker_setup_commands"]
-            assert setup.startswith("ray-confidential executor --tee ")
-            assert f"--pool {name} --region {pool.region}" in setup
+            args = _executor_args(setup)
+            assert (args.tee, args.pool, args.region, args.node_id) == (pool.tee, name, pool.region, "auto")
     aws, gcp, azure, onprem = docs
     assert aws["provider"] == {"type": "aws", "region": "eu-west-1"}
     assert aws["available_node_types"]["snp-eu"]["node_config"]["CpuOptions"] == {"AmdSevSnp": "enabled"}
@@ -132,7 +136,8 @@ def test_ray_up_validates_against_rays_schema(cfg: PoolsConfig) -> None:
         "head_ip": "10.0.0.4",
         "worker_ips": ["10.0.0.5", "10.0.0.6"],
     }
-    assert onprem["worker_setup_commands"][0].startswith("ray-confidential executor --tee sgx --pool sgx-dc1")
+    args = _executor_args(onprem["worker_setup_commands"][0])
+    assert (args.tee, args.pool, args.node_id) == ("sgx", "sgx-dc1", "auto")
     start = onprem["worker_start_ray_commands"][-1]
     assert (
         "--labels=ray-confidential.io/pool=sgx-dc1,ray-confidential.io/region=dc1,ray-confidential.io/tee=sgx"
@@ -188,8 +193,32 @@ def test_kuberay_matches_crd_fields(cfg: PoolsConfig) -> None:
         [executor] = g["template"]["spec"]["initContainers"]
         assert executor["restartPolicy"] == "Always"  # sidecar: up before the Ray container
         assert executor["command"][:2] == ["ray-confidential", "executor"]
+        args = _parse_executor(executor["command"][2:])
+        assert args.node_id == "auto" and args.socket == NODE_SOCKET
+        [ray_container] = g["template"]["spec"]["containers"]
+        shared = {m["name"] for m in executor["volumeMounts"]} & {
+            m["name"] for m in ray_container["volumeMounts"]
+        }
+        assert shared == {"rc-executor", "ray-session"}  # the socket, and Ray's session dir for the node id
     # The head is an ordinary node: no TEE labels, no executor.
     assert "labels" not in doc["spec"]["headGroupSpec"]["rayStartParams"]
+
+
+def _parse_executor(argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed by the executor's own command line (what the node will run)."""
+    parser = argparse.ArgumentParser(prog="ray-confidential", exit_on_error=False)
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["executor", *argv])
+
+
+def _executor_args(setup: str) -> argparse.Namespace:
+    """The executor arguments in a rendered launcher setup command (started in the background)."""
+    words = shlex.split(setup)
+    at = words.index("executor")
+    assert words[at - 1] == "ray-confidential" and words[0] == "mkdir" and words[at - 2] == "(nohup"
+    args = _parse_executor(words[at + 1 : words.index(">", at)])
+    assert args.socket == NODE_SOCKET and args.launch_data == Path(DEFAULT_LAUNCH_DATA)
+    return args
 
 
 def test_kuberay_label_string_parses_with_ray(cfg: PoolsConfig) -> None:
