@@ -334,7 +334,8 @@ def resolve_socket_path() -> str:
     try:
         import ray
 
-        candidate = node_socket_path(ray.get_runtime_context().get_node_id())
+        # Only inside a Ray process: asking a process that is not one would start a local Ray.
+        candidate = node_socket_path(ray.get_runtime_context().get_node_id()) if ray.is_initialized() else ""
     except Exception:
         candidate = ""
     for found in (candidate, NODE_SOCKET):

@@ -62,3 +62,6 @@ def test_shims_find_the_node_images_executor_socket(tmp_path: Path, monkeypatch:
     assert shim.resolve_socket_path() == str(tmp_path / "executor.sock")
     monkeypatch.setenv(shim.SOCKET_ENV, "/elsewhere.sock")
     assert shim.resolve_socket_path() == "/elsewhere.sock"
+    import ray
+
+    assert not ray.is_initialized()  # looking for the socket never starts a Ray of its own
