@@ -40,6 +40,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--socket", required=True, help="Unix socket for shims (created mode 0660)")
     p.add_argument("--socket-mode", default="660", help="octal mode of the shim socket (default 660)")
+    p.add_argument("--socket-group", metavar="GROUP",
+                   help="group of the shim socket (name or id): the Ray user's, when the executor runs as "
+                        "another user (default: the executor's own)")  # fmt: skip
     p.add_argument("--tee", required=True, choices=("sev-snp", "tdx", "sgx", "nitro"))
     p.add_argument("--node-id", required=True,
                    help="hex Ray node id of this node, or auto: wait for `ray start` on this host and take the "
@@ -112,6 +115,24 @@ def _launch_data(args: argparse.Namespace) -> Any:
                       cluster_id=args.cluster_id or "dev", dev_roots=roots)  # fmt: skip
 
 
+def _group_id(group: str | None) -> int | None:
+    """The id of ``group`` (a name or a number), None for None.
+
+    Raises:
+        ValueError: no such group.
+    """
+    if group is None:
+        return None
+    if group.isdigit():
+        return int(group)
+    import grp
+
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"--socket-group: no group {group!r}") from None
+
+
 def _evidence_source(args: argparse.Namespace, launch: Any) -> tuple[Callable[[Any], Any], Any]:
     """``(evidence(binding), simulated device or None)`` for ``--attestation``: the simulated device
     when the launch data carries development roots (``auto`` or ``simulated``), else this TEE's guest
@@ -151,6 +172,11 @@ def run_executor(args: argparse.Namespace) -> int:
     if args.die_with_parent:
         die_with_parent(signal.SIGTERM)
     harden()
+    try:
+        group = _group_id(args.socket_group)
+    except ValueError as exc:
+        print(f"executor: {exc}", file=sys.stderr)
+        return 2
     if args.node_id == "auto":
         from enclave_actors.local_node import DEFAULT_SESSION_DIR, wait_for_local_node_id
 
@@ -195,9 +221,8 @@ def run_executor(args: argparse.Namespace) -> int:
         limits=limits,
         broker_wait=args.broker_wait,
     )
-    server = ExecutorServer(
-        executor, args.socket, mode=int(args.socket_mode, 8), poll_interval=args.poll_interval
-    )
+    server = ExecutorServer(executor, args.socket, mode=int(args.socket_mode, 8), poll_interval=args.poll_interval,
+                            group=group)  # fmt: skip
 
     def _stop(signum: int, frame: Any) -> None:
         server.stop()

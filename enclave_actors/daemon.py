@@ -776,16 +776,20 @@ class ExecutorServer:
     Args:
         executor: the executor core.
         path: socket path; created with ``mode`` (default 0660: the Ray user and its group).
+        group: the socket's group id (the Ray user's group when the executor runs as another user);
+            None keeps the executor's own.
     """
 
     def __init__(
-        self, executor: Executor, path: str, *, mode: int = 0o660, poll_interval: float = 5.0
-    ) -> None:
+        self, executor: Executor, path: str, *, mode: int = 0o660, poll_interval: float = 5.0,
+        group: int | None = None,
+    ) -> None:  # fmt: skip
         if not 0 < poll_interval <= MAX_POLL_INTERVAL:
             raise ValueError(f"poll_interval must be in (0, {MAX_POLL_INTERVAL}] seconds")
         self.executor = executor
         self.path = path
         self.mode = mode
+        self.group = group
         self.poll_interval = poll_interval
         self._sock: socket.socket | None = None
         self._stop = threading.Event()
@@ -799,6 +803,8 @@ class ExecutorServer:
         finally:
             os.umask(old)
         os.chmod(self.path + ".tmp", self.mode)
+        if self.group is not None:
+            os.chown(self.path + ".tmp", -1, self.group)
         sock.listen(128)
         os.replace(self.path + ".tmp", self.path)  # appears only when ready
         self._sock = sock

@@ -397,23 +397,27 @@ class ExecutorConfig:
             --pool --region`` (``scheduler/render.py``).
         launch_data: the image's 0600 launch-data file: the broker's address, pinned release key and
             CA, the cluster id (docs/executor.md "Running it").
+        socket_group: the Ray user's group, given to the executor's socket when the executor runs as
+            another user (``--socket-group``); None: the executor's own group.
         broker: the key broker the launch data names, for the reader of the pools file only: the
             executor takes its broker from the launch data in the image, never from here.
     """
 
     command: str = DEFAULT_EXECUTOR_COMMAND
     launch_data: str = DEFAULT_LAUNCH_DATA
+    socket_group: str | None = None
     broker: str | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> ExecutorConfig:
         if data is None:
             return cls()
-        d = _take(data, ("command", "launch_data", "broker"), "executor")
-        broker = d.get("broker")
+        d = _take(data, ("command", "launch_data", "socket_group", "broker"), "executor")
+        broker, group = d.get("broker"), d.get("socket_group")
         return cls(
             command=_str(d.get("command", DEFAULT_EXECUTOR_COMMAND), "executor.command"),
             launch_data=_str(d.get("launch_data", DEFAULT_LAUNCH_DATA), "executor.launch_data"),
+            socket_group=None if group is None else _str(group, "executor.socket_group"),
             broker=None if broker is None else _str(broker, "executor.broker"),
         )
 

@@ -77,6 +77,8 @@ def executor_command(cfg: PoolsConfig, pool: NodePool) -> str:
         "--region",
         pool.region,
     ]
+    if cfg.executor.socket_group:
+        parts += ["--socket-group", cfg.executor.socket_group]
     return shlex.join(parts)
 
 

@@ -554,3 +554,20 @@ def test_actor_lives_with_its_connection_and_keeps_to_its_domains(env: Env) -> N
         time.sleep(0.05)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_the_socket_group_admits_the_ray_user(env: Env, tmp_path: Path) -> None:
+    """--socket-group: an executor running as another user than Ray gives its socket Ray's group."""
+    import grp
+
+    target = next(g for g in grp.getgrall() if g.gr_gid != os.getgid())
+    ex = launch(env.broker, extra=("--socket-group", target.gr_name))
+    try:
+        st = os.stat(ex.socket)
+        assert st.st_gid == target.gr_gid and st.st_mode & 0o777 == 0o660
+    finally:
+        stop(ex)
+    bad = subprocess.run([sys.executable, "-m", "enclave_actors.cli", "executor", "--socket", str(tmp_path / "s"),
+                          "--tee", "sev-snp", "--node-id", "ab" * 28, "--socket-group", "no-such-group-rc"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "no group 'no-such-group-rc'" in bad.stderr

@@ -10,7 +10,7 @@ POOLS_YAML = """
 version: 1
 cluster_name: hybrid
 image: example.org/ray-confidential:1
-executor: {command: ray-confidential executor, broker: "https://kbs.example:8443"}
+executor: {command: ray-confidential executor, socket_group: ray, broker: "https://kbs.example:8443"}
 head: {provider: aws, region: eu-west-1, instance_type: m6i.large}
 pools:
   - name: snp-eu

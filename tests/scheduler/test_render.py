@@ -194,7 +194,7 @@ def test_kuberay_matches_crd_fields(cfg: PoolsConfig) -> None:
         assert executor["restartPolicy"] == "Always"  # sidecar: up before the Ray container
         assert executor["command"][:2] == ["ray-confidential", "executor"]
         args = _parse_executor(executor["command"][2:])
-        assert args.node_id == "auto" and args.socket == NODE_SOCKET
+        assert args.node_id == "auto" and args.socket == NODE_SOCKET and args.socket_group == "ray"
         [ray_container] = g["template"]["spec"]["containers"]
         shared = {m["name"] for m in executor["volumeMounts"]} & {
             m["name"] for m in ray_container["volumeMounts"]
@@ -218,6 +218,7 @@ def _executor_args(setup: str) -> argparse.Namespace:
     assert words[at - 1] == "ray-confidential" and words[0] == "mkdir" and words[at - 2] == "(nohup"
     args = _parse_executor(words[at + 1 : words.index(">", at)])
     assert args.socket == NODE_SOCKET and args.launch_data == Path(DEFAULT_LAUNCH_DATA)
+    assert args.socket_group == "ray"  # from the pools file's executor.socket_group
     return args
 
 
