@@ -19,7 +19,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ray_confidential.attestation.evidence import Evidence
-from ray_confidential.kbs.broker import MAX_UNWRAP_ITEMS, AttestRequest, Broker, Denied, KeyResponse
+from ray_confidential.kbs.broker import (
+    MAX_ATTEST_UNWRAPS,
+    MAX_UNWRAP_ITEMS,
+    AttestRequest,
+    Broker,
+    Denied,
+    KeyResponse,
+)
 from ray_confidential.kbs.proto import kbs_pb2, kbs_pb2_grpc
 from ray_confidential.kbs.ratelimit import RateLimiter
 from ray_confidential.kbs.statement_feed import MAX_WAIT_S, StatementFeed
@@ -158,7 +165,8 @@ class KeyBrokerService(kbs_pb2_grpc.KeyBrokerServicer):
                 token=token, expires_at=claims.exp, keys=[self._key(k) for k in keys]
             )
 
-        return self._run("Attest", context, fn)
+        # The attestation costs one unit, and each object it unwraps one more, as separate Unwraps would.
+        return self._run("Attest", context, fn, 1 + min(len(request.unwrap), MAX_ATTEST_UNWRAPS))
 
     def Unwrap(self, request: kbs_pb2.UnwrapRequest, context: grpc.ServicerContext) -> Any:
         def fn(owner: str | None, client: str) -> kbs_pb2.KeyResponse:

@@ -226,6 +226,27 @@ def test_rate_limit_is_charged_per_object(pki: PKI) -> None:
         harness.close()
 
 
+def test_attest_with_unwrap_is_charged_per_object_too(pki: PKI) -> None:
+    harness = _domains(Harness(pki=pki, rate_limit=(0.001, 6)))  # ~no refill during the test
+    try:
+        blobs = [_blob(harness, value=bytes([i])) for i in range(3)]
+        client, ex = harness.client(), Executor.create("tdx")
+
+        def attest_with(objects: list[bytes]) -> Any:
+            ch = client.challenge()
+            evidence = ex.tee.evidence(ch.binding(ex.key, cluster_id=CLUSTER, bundle_digest=BUNDLE))
+            return client.attest_and_unwrap(ch, evidence, objects, profile=PROFILE[ex.kind], executor_key=ex.key,
+                                            cluster_id=CLUSTER, bundle_digest=BUNDLE, node_id="node-1",
+                                            pool="pool-1", region="eu", domains=("hospital",))  # fmt: skip
+
+        attest_with(blobs)  # GetChallenge 1 + Attest 1 + 3 objects: 5 of 6
+        with pytest.raises(BrokerRefusedError, match="RESOURCE_EXHAUSTED"):
+            attest_with(blobs[:1])  # GetChallenge takes the last unit; Attest + 1 object would cost 2
+        assert "Attest: rate limit exceeded" in harness.audit.last("rate_limit")["reason"]
+    finally:
+        harness.close()
+
+
 def test_rate_limiter_cost() -> None:
     t = [0.0]
     rl = RateLimiter(rate=1.0, burst=4, clock=lambda: t[0])
