@@ -310,7 +310,7 @@ class Executor:
         not cached (``grant_with_keys``, at most :data:`MAX_KEYS_WITH_TOKEN`): one round trip fewer
         per fresh call; if the broker refuses it, the step-by-step path below runs again, so that the
         refusal the shim sees (and the metrics) name the step that failed. With a token, uncached keys
-        are fetched together with those of concurrent calls (:meth:`_batch_deks`).
+        are fetched together with those of concurrent calls (:meth:`_fetch_uncached_deks`).
         """
         combined = getattr(self.releaser, "grant_with_keys", None)
         if combined is not None and self._cached_grant(digest, domains) is None:
@@ -330,10 +330,10 @@ class Executor:
                         for header, dek in zip(missing, deks, strict=True):
                             self._keep_dek(fresh, header, dek, now)
         grant = self._grant(digest, domains)
-        self._batch_deks(grant, headers)
+        self._fetch_uncached_deks(grant, headers)
         return grant, [self._dek(grant, h) for h in headers]
 
-    def _batch_deks(self, grant: Grant, headers: list[SealedHeader]) -> None:
+    def _fetch_uncached_deks(self, grant: Grant, headers: list[SealedHeader]) -> None:
         """With a token, the keys of the uncached objects of ``headers``, fetched together with those
         of concurrent calls under the same token (:class:`~enclave_actors.coalesce.Coalescer`: a call
         alone fetches at once; calls that arrive while a fetch is in flight share the next one) and
@@ -359,7 +359,7 @@ class Executor:
                     raise result
 
     def _fetch_deks(self, grant: Grant, headers: Sequence[SealedHeader]) -> list[bytes | KeyReleaseDenied]:
-        """Fetch and cache the keys of ``headers`` (one batch of :meth:`_batch_deks`, on its leader's
+        """Fetch and cache the keys of ``headers`` (one batch of :meth:`_fetch_uncached_deks`, on its leader's
         thread): one ``unwrap_many`` for two or more; if the broker refuses that, or for one object,
         one ``unwrap`` per object, so that each refusal names its object. A refusal is the item's
         result; an unreachable broker raises for the whole batch."""

@@ -437,11 +437,7 @@ class KBSClient:
         return d
 
     def _descriptor(self, resp: Any, name: str, version: int | None) -> DomainDescriptor:
-        return self._from_verified(self._verified(resp, name, version))
-
-    @staticmethod
-    def _from_verified(d: Mapping[str, Any]) -> DomainDescriptor:
-        return DomainDescriptor.from_dict(d)  # the signed body carries the descriptor's fields
+        return DomainDescriptor.from_dict(self._verified(resp, name, version))  # the signed body's fields
 
     def descriptor(
         self, name: str, version: int | None = None, *, owner_ca: bytes | None = None
@@ -463,7 +459,7 @@ class KBSClient:
         if owner_ca is not None:
             verify_owner_signature(d, bytes(resp.owner_signature), bytes(resp.owner_certificate),
                                    owner_ca=owner_ca)  # fmt: skip
-        return self._from_verified(d)
+        return DomainDescriptor.from_dict(d)
 
     # -- owner signatures --------------------------------------------------------------------------
     def _sign(self, resp: Any, name: str, version: int | None, expect: tuple[str, str] | None) -> Any:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -18,6 +20,8 @@ from ray_confidential.kbs.embedded import EmbeddedBroker
 from ray_confidential.keyservice import DevKeyService
 from ray_confidential.sealed.format import DomainPublicKey, seal
 from ray_confidential.testing.tee_node import ExecutorProcess, start_executor, stop_executor
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -69,6 +73,12 @@ def launch(
 
 def stop(ex: ExecutorProcess) -> None:
     stop_executor(ex)
+
+
+def executor_start(socket_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``ray-confidential executor --socket DIR/s ARGS`` run to its end (for start-up refusals)."""
+    cmd = [sys.executable, "-m", "enclave_actors.cli", "executor", "--socket", str(socket_dir / "s"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
 
 
 @pytest.fixture(scope="module")

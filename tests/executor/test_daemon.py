@@ -27,9 +27,8 @@ from ray_confidential.domains import DomainPolicy
 from ray_confidential.errors import AttestationError, DecryptionError, KeyReleaseDenied, SealedTaskError
 from ray_confidential.kbs.embedded import EmbeddedBroker
 from tests.executor import conf_funcs
-from tests.executor.conftest import Env, launch, make_service, stop
+from tests.executor.conftest import Env, executor_start, launch, make_service, stop
 
-REPO = Path(__file__).resolve().parents[2]
 TOTAL = from_callable(conf_funcs.total)
 DROP_PRIVS = ["setpriv", "--bounding-set=-sys_ptrace,-dac_override,-dac_read_search", "--inh-caps=-all"]
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--inh-caps=-all"]
@@ -424,9 +423,7 @@ def test_launch_data_must_be_private(env: Env, tmp_path: Path) -> None:
     loose = tmp_path / "launch.json"
     loose.write_bytes(env.broker.launch_path.read_bytes())
     loose.chmod(0o644)
-    out = subprocess.run([sys.executable, "-m", "enclave_actors.cli", "executor", "--socket", str(tmp_path / "s"),
-                          "--tee", "sev-snp", "--node-id", "ab", "--launch-data", str(loose)],
-                         capture_output=True, text=True, cwd=REPO, timeout=60)  # fmt: skip
+    out = executor_start(tmp_path, "--tee", "sev-snp", "--node-id", "ab", "--launch-data", str(loose))
     assert out.returncode == 2 and "0600" in out.stderr
     assert oct(env.broker.launch_path.stat().st_mode & 0o777) == "0o600"
 
@@ -567,7 +564,7 @@ def test_the_socket_group_admits_the_ray_user(env: Env, tmp_path: Path) -> None:
         assert st.st_gid == target.gr_gid and st.st_mode & 0o777 == 0o660
     finally:
         stop(ex)
-    bad = subprocess.run([sys.executable, "-m", "enclave_actors.cli", "executor", "--socket", str(tmp_path / "s"),
-                          "--tee", "sev-snp", "--node-id", "ab" * 28, "--socket-group", "no-such-group-rc"],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    bad = executor_start(
+        tmp_path, "--tee", "sev-snp", "--node-id", "ab" * 28, "--socket-group", "no-such-group-rc"
+    )
     assert bad.returncode == 2 and "no group 'no-such-group-rc'" in bad.stderr

@@ -4,8 +4,6 @@ collection failures that give the broker nothing, and the CLI refusing to start 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from ray_confidential.sealed.format import DomainPublicKey, SealedHeader, open_w
 from ray_confidential.testing.simulated import DevRootOfTrust
 from tests.attestation.fake_kernel import FakeTSM, snp_maker
 from tests.executor import conf_funcs
-from tests.executor.conftest import make_service
+from tests.executor.conftest import executor_start, make_service
 
 TOTAL = from_callable(conf_funcs.total)
 B = Binding(nonce=b"\x01" * 32, executor_public_key=b"\x02" * 32, hpke_suite="x25519", cluster_id="c",
@@ -131,14 +129,11 @@ def test_the_executor_refuses_to_start_without_an_attestation_device(tmp_path: P
 
     key = tmp_path / "release.pem"
     key.write_bytes(public_pem(new_signing_key()))
-    base = [sys.executable, "-m", "enclave_actors.cli", "executor", "--socket", str(tmp_path / "ex.sock"),
-            "--tee", "tdx", "--node-id", "ab" * 28, "--kbs", "127.0.0.1:1", "--release-key", str(key)]  # fmt: skip
-    auto = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    base = ("--tee", "tdx", "--node-id", "ab" * 28, "--kbs", "127.0.0.1:1", "--release-key", str(key))
+    auto = executor_start(tmp_path, *base)
     assert auto.returncode == 2 and "no attestation interface for tdx" in auto.stderr
-    simulated = subprocess.run(
-        [*base, "--attestation", "simulated"], capture_output=True, text=True, timeout=60
-    )
+    simulated = executor_start(tmp_path, *base, "--attestation", "simulated")
     assert simulated.returncode == 2 and "needs development roots" in simulated.stderr
-    wrong = subprocess.run([*base, "--attestation", "nsm"], capture_output=True, text=True, timeout=60)
+    wrong = executor_start(tmp_path, *base, "--attestation", "nsm")
     assert wrong.returncode == 2 and "cannot attest a tdx guest" in wrong.stderr
-    assert not (tmp_path / "ex.sock").exists()
+    assert not (tmp_path / "s").exists()

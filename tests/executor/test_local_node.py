@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 
 from enclave_actors.local_node import local_node_ids, wait_for_local_node_id
+from tests.executor.conftest import executor_start
 
 A, B = "ab" * 28, "cd" * 28
 
@@ -41,10 +40,8 @@ def test_waits_for_ray_to_start_and_refuses_ambiguity(tmp_path: Path) -> None:
 
 
 def test_the_executor_gives_up_clearly_when_ray_never_starts(tmp_path: Path) -> None:
-    run = subprocess.run([sys.executable, "-m", "enclave_actors.cli", "executor", "--socket", str(tmp_path / "s"),
-                          "--tee", "sev-snp", "--node-id", "auto", "--ray-session-dir", str(tmp_path),
-                          "--node-id-wait", "0.3", "--kbs", "127.0.0.1:1", "--release-key", str(tmp_path / "k")],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    run = executor_start(tmp_path, "--tee", "sev-snp", "--node-id", "auto", "--ray-session-dir", str(tmp_path),
+                         "--node-id-wait", "0.3", "--kbs", "127.0.0.1:1", "--release-key", str(tmp_path / "k"))  # fmt: skip
     assert run.returncode == 2 and "--node-id auto: no Ray node started" in run.stderr
 
 
