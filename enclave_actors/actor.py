@@ -49,7 +49,7 @@ class _EnclaveShim:
 
     def __init__(self, spec: dict[str, Any], bundle: Bundle, *payloads: Any) -> None:
         from enclave_actors.shim import ExecutorClient, resolve_socket_path
-        from ray_confidential.api import _SealedPayload
+        from ray_confidential.api import sealed_data
 
         # A dedicated connection: the executor ends the actor's subprocess when it closes.
         self._client = ExecutorClient(resolve_socket_path())
@@ -58,7 +58,7 @@ class _EnclaveShim:
         state = self._client.actor_create(
             bundle,
             domain=spec["domain"],
-            inputs=[p.data if isinstance(p, _SealedPayload) else p for p in payloads],
+            inputs=[sealed_data(p) for p in payloads],
             args=spec["args"],
             kwargs=dict(zip(spec["kwarg_names"], spec["kwargs"], strict=True)),
             timeout_s=self._timeout,
@@ -67,19 +67,19 @@ class _EnclaveShim:
         self._state = {k: state.get(k) for k in ("tee", "pool", "region", "node_id", "attested_until")}
 
     def call(self, method: str, spec: dict[str, Any], *payloads: Any) -> Any:
-        from ray_confidential.api import _SealedPayload
+        from ray_confidential.api import sealed_data, storable
 
         sealed, state = self._client.actor_call(
             self._actor_id,
             method,
-            inputs=[p.data if isinstance(p, _SealedPayload) else p for p in payloads],
+            inputs=[sealed_data(p) for p in payloads],
             args=spec["args"],
             kwargs=dict(zip(spec["kwarg_names"], spec["kwargs"], strict=True)),
             timeout_s=self._timeout,
         )
         if state.get("attested_until") is not None:
             self._state["attested_until"] = state["attested_until"]
-        return _SealedPayload(sealed)
+        return storable(sealed)
 
     def trust_state(self) -> dict[str, Any]:
         """Where the actor's state lives (public metadata only), and this shim's repr."""

@@ -47,15 +47,33 @@ TEE_KINDS: Final = ("sev-snp", "tdx", "sgx", "nitro")
 MAX_PARAMS_BYTES: Final = 64 << 10
 
 
-def _shim_task(spec: dict[str, Any], bundle: Bundle, *payloads: Any) -> Any:
+_UNPACKED: dict[str, Bundle] = {}
+"""Bundles this Ray worker has unpacked, by digest (each checked against it; a handful per job)."""
+
+
+def shim_bundle(value: Bundle | list[Any]) -> Bundle:
+    """The bundle a shim was handed: a ``Bundle``, or its ``Bundle.pack()`` form (what decorated
+    calls send, unpacked once per worker and digest)."""
+    if isinstance(value, Bundle):
+        return value
+    bundle = _UNPACKED.get(value[0]) if isinstance(value, list) and value else None
+    if bundle is None:
+        bundle = Bundle.unpack(value)
+        if len(_UNPACKED) >= 32:
+            _UNPACKED.clear()
+        _UNPACKED[bundle.digest_hex] = bundle
+    return bundle
+
+
+def _shim_task(spec: dict[str, Any], bundle: Bundle | list[Any], *payloads: Any) -> Any:
     """The Ray task body (untrusted glue): forward to the local executor, return sealed bytes."""
     from enclave_actors.shim import ExecutorClient
-    from ray_confidential.api import _SealedPayload
+    from ray_confidential.api import sealed_data, storable
 
     client = ExecutorClient.from_env()
-    inputs = [p.data if isinstance(p, _SealedPayload) else p for p in payloads]
+    inputs = [sealed_data(p) for p in payloads]
     sealed = client.call(
-        bundle,
+        shim_bundle(bundle),
         domain=spec["domain"],
         inputs=inputs,
         args=spec["args"],
@@ -63,7 +81,7 @@ def _shim_task(spec: dict[str, Any], bundle: Bundle, *payloads: Any) -> Any:
         timeout_s=spec.get("timeout_s"),
         recipient=spec.get("recipient"),
     )
-    return _SealedPayload(sealed)
+    return storable(sealed)
 
 
 class ConfidentialFunction:
@@ -84,6 +102,7 @@ class ConfidentialFunction:
         self._domain = domain
         self._options = options
         self._bundle: Bundle | None = None
+        self._packed: list[Any] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
@@ -103,7 +122,7 @@ class ConfidentialFunction:
         ``timeout_s``, ``recipients`` or Ray task options); this one is unchanged."""
         copy = ConfidentialFunction(getattr(self, WRAPPED_ATTR), domain=options.pop("domain", self._domain),
                                     options={**self._options, **options})  # fmt: skip
-        copy._bundle = self._bundle
+        copy._bundle, copy._packed = self._bundle, self._packed
         return copy
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
@@ -120,7 +139,9 @@ class ConfidentialFunction:
                     recipient=recipient(self._options))  # fmt: skip
         opts = call_options(self._domain, self._options)
         opts.setdefault("max_retries", 0)
-        object_ref = _shim_with(opts).remote(spec, self.bundle, *refs)
+        if self._packed is None:
+            self._packed = self.bundle.pack()
+        object_ref = _shim_with(opts).remote(spec, self._packed, *refs)
         return SealedRef(object_ref, domain=self._domain, key_version=0, object_id="", size=0)
 
 

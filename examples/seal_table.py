@@ -16,7 +16,7 @@ import ray_confidential as rc
 @ray.remote
 def ciphertext_digest(ref: rc.SealedRef) -> str:
     """An ordinary Ray task: it sees the sealed bytes, never the plaintext."""
-    return hashlib.sha256(bytes(ray.get(ref.object_ref).data)).hexdigest()
+    return hashlib.sha256(rc.export(ref)).hexdigest()
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ import struct
 import sys
 import types
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -64,6 +64,7 @@ class Bundle:
     module: str
     entry: str
     files: tuple[tuple[str, bytes], ...]
+    _digest: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not _MODULE_RE.match(self.module) or len(self.module) > 256:
@@ -88,10 +89,14 @@ class Bundle:
             raise ValueError(f"bundle is over {MAX_BUNDLE_BYTES} bytes")
         object.__setattr__(self, "files", tuple(sorted(files)))
         self.main_file()  # raises when no file holds the module
+        object.__setattr__(self, "_digest", self._compute_digest())
 
     @property
     def digest(self) -> bytes:
-        """SHA-256 over the canonical encoding (module docstring)."""
+        """SHA-256 over the canonical encoding (module docstring), computed when the bundle was built."""
+        return self._digest
+
+    def _compute_digest(self) -> bytes:
         h = hashlib.sha256(CONTEXT)
         for text in (self.module, self.entry):
             raw = text.encode()
@@ -122,6 +127,27 @@ class Bundle:
     def to_wire(self) -> dict[str, Any]:
         """Header fields for the executor protocol (file bytes travel as frames, in this order)."""
         return {"module": self.module, "entry": self.entry, "paths": [p for p, _ in self.files]}
+
+    def pack(self) -> list[Any]:
+        """The bundle as plain values (str, bytes, lists), which Ray serializes without pickle
+        (about 0.1 ms less per task submission than this dataclass): ``unpack`` reverses it."""
+        return [self.digest_hex, self.module, self.entry, [[p, d] for p, d in self.files]]
+
+    @classmethod
+    def unpack(cls, packed: Any) -> Bundle:
+        """The bundle ``pack`` made, checked as any bundle is, and against the digest it names.
+
+        Raises:
+            ValueError: malformed, or the files do not hash to the named digest.
+        """
+        try:
+            digest_hex, module, entry, files = packed
+            bundle = cls(module=module, entry=entry, files=tuple((p, d) for p, d in files))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"malformed packed bundle: {exc}") from None
+        if bundle.digest_hex != digest_hex:
+            raise ValueError("packed bundle does not match the digest it names")
+        return bundle
 
     @classmethod
     def from_wire(cls, header: dict[str, Any], frames: Iterable[bytes]) -> Bundle:

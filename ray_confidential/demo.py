@@ -79,9 +79,9 @@ def call_by_hand(bundle: Any, domain: str, payload: Any) -> str:
     """An ordinary Ray task playing a confidential call's shim on whatever node it was placed:
     it hands the local executor ``bundle`` and one sealed input. Returns what happened."""
     from enclave_actors.shim import ExecutorClient
-    from ray_confidential.api import _SealedPayload
+    from ray_confidential.api import sealed_data
 
-    data = payload.data if isinstance(payload, _SealedPayload) else payload
+    data = sealed_data(payload)
     try:
         ExecutorClient.from_env().call(bundle, domain=domain, inputs=[data], args=[["s", 0]], timeout_s=60)
     except Exception as exc:  # the expected outcome on a node that cannot attest

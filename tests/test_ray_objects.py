@@ -70,8 +70,7 @@ def test_spill_files_hold_only_ciphertext(cluster: Path) -> None:
 @ray.remote
 def _inspect(ref: rc.SealedRef, marker: bytes) -> tuple[str, bool]:
     """An ordinary (untrusted) task: it can fetch the sealed bytes, never the plaintext."""
-    payload = ray.get(ref.object_ref)
-    data = bytes(payload.data)
+    data = rc.export(ref)
     return hashlib.sha256(data).hexdigest(), marker in data
 
 
@@ -110,6 +109,21 @@ def test_misuse_has_clear_errors(cluster: Path) -> None:
         rc.get("not a ref")  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="already initialised"):
         rc.init()
+
+
+def test_small_sealed_objects_are_stored_as_bytes_large_ones_out_of_band(cluster: Path) -> None:
+    """Up to ``SMALL_SEALED_BYTES`` Ray holds plain ``bytes`` (no pickle on either side); above it, a
+    ``_SealedPayload`` (one out-of-band buffer, no copy). Either way only ciphertext, and both open."""
+    from ray_confidential.api import SMALL_SEALED_BYTES
+
+    small, large = (
+        rc.put(np.arange(8.0), domain="hospital"),
+        rc.put(np.zeros(SMALL_SEALED_BYTES // 4), domain="hospital"),
+    )
+    assert isinstance(ray.get(small.object_ref), bytes) and small.size <= SMALL_SEALED_BYTES
+    assert isinstance(ray.get(large.object_ref), _SealedPayload) and large.size > SMALL_SEALED_BYTES
+    assert rc.get(small).tolist() == list(map(float, range(8))) and not rc.get(large).any()
+    assert rc.export(small) == ray.get(small.object_ref)
 
 
 def test_stored_value_is_one_out_of_band_buffer(cluster: Path) -> None:

@@ -399,3 +399,18 @@ def test_decoders_raise_only_value_error_on_mutated_plaintext(data: st.DataObjec
         decode(kind, bytes(payload), allow_pickle=False)
     except ValueError:
         pass
+
+
+def test_parsed_headers_are_remembered_by_their_exact_bytes(service: DevKeyService) -> None:
+    """The parse cache serves only the very header bytes it parsed: one flipped byte anywhere in the
+    header (here in the wrapped key, which parsing does not authenticate) is parsed afresh."""
+    blob = _sealed(service)
+    first = SealedHeader.parse(blob)
+    assert SealedHeader.parse(bytes(blob)) is first
+    at = first.body_offset - 1  # the wrapped DEK ends the header
+    mutated = bytearray(blob)
+    mutated[at] ^= 0x01
+    other = SealedHeader.parse(bytes(mutated))
+    assert other is not first and other.wrapped_dek != first.wrapped_dek
+    assert other.header_bytes == bytes(mutated[: first.body_offset])
+    _refused(service, bytes(mutated))

@@ -39,7 +39,7 @@ def _seal_on_b(descriptor: DomainDescriptor, marker: str) -> tuple[rc.SealedRef,
 
 @ray.remote(resources={"node_b": 1})
 def _digest_on_b(ref: rc.SealedRef) -> tuple[str, str]:
-    data = bytes(ray.get(ref.object_ref).data)
+    data = rc.export(ref)
     return hashlib.sha256(data).hexdigest(), ray.get_runtime_context().get_node_id()
 
 

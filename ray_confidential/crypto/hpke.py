@@ -68,9 +68,14 @@ def _suite_info(name: str) -> SuiteInfo:
         raise ValueError(f"unknown HPKE suite {name!r}; choose one of {sorted(SUITES)}") from None
 
 
+_RUST_SUITES: Final = {
+    "x25519": hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
+    "mlkem768-x25519": hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
+}
+
+
 def _rust_suite(name: str) -> hpke.Suite:
-    kem = hpke.KEM.X25519 if name == "x25519" else hpke.KEM.MLKEM768_X25519
-    return hpke.Suite(kem, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    return _RUST_SUITES[name]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +106,18 @@ class PublicKey:
         )
 
 
+_LOADED_PUBLIC: dict[PublicKey, Any] = {}
+"""Recently used public keys, loaded (public data; a process wraps to a handful of domain keys)."""
+
+
 def wrap(public_key: PublicKey, plaintext: bytes, *, info: bytes) -> bytes:
     """HPKE base-mode single-shot seal (RFC 9180 section 6.1): ``enc || ciphertext``."""
-    return _rust_suite(public_key.suite).encrypt(plaintext, public_key._to_crypto(), info=info)
+    loaded = _LOADED_PUBLIC.get(public_key)
+    if loaded is None:
+        if len(_LOADED_PUBLIC) >= 64:
+            _LOADED_PUBLIC.clear()
+        loaded = _LOADED_PUBLIC[public_key] = public_key._to_crypto()
+    return _rust_suite(public_key.suite).encrypt(plaintext, loaded, info=info)
 
 
 class PrivateKeyHandle:

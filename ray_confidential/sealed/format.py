@@ -95,12 +95,28 @@ class SealedHeader:
 
     @classmethod
     def parse(cls, data: Any) -> SealedHeader:
-        """Parse and bounds-check the header. Raises DecryptionError for anything malformed."""
+        """Parse and bounds-check the header. Raises DecryptionError for anything malformed.
+
+        Parsed headers are remembered by their exact bytes (parsing is a pure function of them, and
+        executors see the same inputs call after call); the result is immutable.
+        """
         view = memoryview(data).cast("B")
         try:
-            return _parse_header(view)
+            header_len = _PREFIX.unpack_from(view, 0)[1]
+            raw = bytes(view[: _PREFIX.size + header_len]) if header_len <= MAX_HEADER else None
+            header = _PARSED.get(raw) if raw is not None else None
+            if header is None:
+                header = _parse_header(view)
+                if len(_PARSED) >= _PARSED_ENTRIES:
+                    _PARSED.clear()
+                _PARSED[header.header_bytes] = header
+            return header
         except (struct.error, ValueError, UnicodeDecodeError, IndexError) as exc:
             raise DecryptionError() from exc
+
+
+_PARSED: dict[bytes, SealedHeader] = {}
+_PARSED_ENTRIES: Final = 1024
 
 
 def _name(value: str, what: str, *, allow_empty: bool = False) -> bytes:

@@ -48,6 +48,39 @@ def test_digest_is_order_independent_and_covers_everything() -> None:
     assert len({v.digest for v in variants} | {VECTOR.digest}) == len(variants) + 1
 
 
+def test_pack_round_trips_without_pickle_and_checks_the_named_digest() -> None:
+    """``Bundle.pack`` is what decorated calls hand Ray (str, bytes and lists only); ``unpack``
+    rebuilds the bundle and refuses files that do not hash to the digest the packed form names."""
+    packed = VECTOR.pack()
+
+    def plain(value: object) -> bool:
+        return isinstance(value, str | bytes) or (isinstance(value, list) and all(plain(v) for v in value))
+
+    assert plain(packed) and packed[0] == VECTOR_DIGEST
+    assert Bundle.unpack(packed) == VECTOR and Bundle.unpack(packed).digest.hex() == VECTOR_DIGEST
+    swapped = [packed[0], packed[1], packed[2], [[p, d + b"#"] for p, d in packed[3]]]
+    with pytest.raises(ValueError, match="does not match the digest"):
+        Bundle.unpack(swapped)
+    for malformed in (
+        None,
+        [],
+        [VECTOR_DIGEST, "pkg.mod", "f"],
+        [VECTOR_DIGEST, "pkg.mod", "f", [["../x.py", b""]]],
+    ):
+        with pytest.raises(ValueError):
+            Bundle.unpack(malformed)
+
+
+def test_shim_reuses_an_unpacked_bundle_only_for_its_own_digest() -> None:
+    from enclave_actors.remote import shim_bundle
+
+    assert shim_bundle(VECTOR) is VECTOR
+    first = shim_bundle(VECTOR.pack())
+    assert first == VECTOR and shim_bundle(VECTOR.pack()) is first
+    other = Bundle(module="pkg.mod", entry="f", files=(("pkg/mod.py", b"def f():\n    return 3\n"),))
+    assert shim_bundle(other.pack()).digest == other.digest != VECTOR.digest
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
