@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import pickle
 import sys
 from dataclasses import dataclass
@@ -193,7 +194,7 @@ def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
 def _decode_npy(data: memoryview) -> np.ndarray:
     offset = _npy_header_length(data)
     shape, fortran, dtype = _npy_header(bytes(data[:offset]))
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # exact (no int64 wrap-around); 1 for a scalar's empty shape
     if len(data) - offset != count * dtype.itemsize:
         raise ValueError("npy payload size does not match its header")
     flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
