@@ -62,12 +62,32 @@ def _output_key(out: dict[str, Any]) -> Any:
     return key
 
 
+_READY: dict[Any, Any] = {}
+"""One HPKE encapsulation made ahead of time per output public key (x25519; a handful per worker):
+the next result sealed to that key skips the wrap's key-pair generation and Diffie-Hellman, which
+this worker ran after sending its previous reply, off the call's path (``crypto.encap``)."""
+
+
+def _prepare_next(out: dict[str, Any]) -> None:
+    """After a reply: an encapsulation ready for the next result sealed to this call's output key
+    (best effort: a key it cannot prepare for is sealed to the ordinary way)."""
+    from ray_confidential.crypto.encap import encapsulate
+
+    try:
+        public_key = _output_key(out).public_key
+        if public_key.suite == "x25519" and public_key not in _READY and len(_READY) < 64:
+            _READY[public_key] = encapsulate(public_key)
+    except ValueError:
+        pass
+
+
 def _seal(value: Any, out: dict[str, Any], producer: str) -> tuple[list[Any], list[int]]:
     from ray_confidential.sealed.format import seal
 
     key = _output_key(out)
     target = _Output()
-    sealed = seal(value, key, producer_id=producer, allow_pickle=bool(out["allow_pickle"]), allocate=target)
+    sealed = seal(value, key, producer_id=producer, allow_pickle=bool(out["allow_pickle"]), allocate=target,
+                  encapsulation=_READY.pop(key.public_key, None))  # fmt: skip
     if target.writer is not None:
         del sealed
         return [], [target.writer.finish()]
@@ -141,6 +161,7 @@ def serve(sock: socket.socket) -> None:
             if op == "actor_init":
                 instance, result = result, None
                 protocol.send(sock, {"status": "ok"})
+                _prepare_next(out)
                 continue
             frames, fds = _seal(result, out, producer)
             del result
@@ -158,6 +179,7 @@ def serve(sock: socket.socket) -> None:
             protocol.send(sock, {"status": "task_error"}, frames, fds)
             for fd in fds:
                 os.close(fd)
+        _prepare_next(out)  # after the reply, off the call's path
 
 
 def _target(op: str, entry: Any, instance: Any, method: Any) -> Any:

@@ -37,7 +37,7 @@ import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import pyarrow as pa
 from cryptography.hazmat.primitives import hashes
@@ -46,6 +46,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ray_confidential.crypto import hpke, stream
 from ray_confidential.errors import DecryptionError
 from ray_confidential.sealed.content import ContentType, decode, encode
+
+if TYPE_CHECKING:
+    from ray_confidential.crypto.encap import Encapsulation
 
 VERSION: Final = 0x01
 MAX_HEADER: Final = 8192
@@ -225,6 +228,7 @@ def seal_with_id(
     allow_pickle: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     allocate: Callable[[int], memoryview] | None = None,
+    encapsulation: Encapsulation | None = None,
     _dek: bytes | None = None,
     _object_id: bytes | None = None,
 ) -> tuple[memoryview, bytes]:
@@ -239,9 +243,15 @@ def seal_with_id(
         chunk_size: plaintext bytes per AEAD chunk (power of two, 4 KiB..64 MiB).
         allocate: returns a writable buffer of the requested size (lets callers reuse a staging
             buffer); default allocates a new bytearray.
+        encapsulation: an unused HPKE encapsulation to ``key``'s public key made ahead of time
+            (``ray_confidential.crypto.encap``): the DEK wrap then skips its key-pair generation and
+            Diffie-Hellman. The sealed bytes have the same form either way.
 
     Returns:
         A memoryview of the sealed bytes, and the object id written into its header.
+
+    Raises:
+        ValueError: ``encapsulation`` was made for another public key.
     """
     if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK) or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two in [{MIN_CHUNK}, {MAX_CHUNK}]")
@@ -264,7 +274,12 @@ def seal_with_id(
         key_commitment=commitment,
     )
     hh = header_hash_of(auth)
-    wrapped = hpke.wrap(key.public_key, dek, info=hh)
+    if encapsulation is None:
+        wrapped = hpke.wrap(key.public_key, dek, info=hh)
+    elif encapsulation.public_key != key.public_key:
+        raise ValueError("the encapsulation was made for another public key")
+    else:
+        wrapped = encapsulation.seal(dek, info=hh)
     header = auth + struct.pack(">H", len(wrapped)) + wrapped
     prefix_bytes = _PREFIX.pack(VERSION, len(header)) + header
     total = len(prefix_bytes) + stream.sealed_length(length, chunk_size)
@@ -286,6 +301,7 @@ def seal(
     allow_pickle: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     allocate: Callable[[int], memoryview] | None = None,
+    encapsulation: Encapsulation | None = None,
     _dek: bytes | None = None,
     _object_id: bytes | None = None,
 ) -> memoryview:
@@ -297,6 +313,7 @@ def seal(
         allow_pickle=allow_pickle,
         chunk_size=chunk_size,
         allocate=allocate,
+        encapsulation=encapsulation,
         _dek=_dek,
         _object_id=_object_id,
     )[0]

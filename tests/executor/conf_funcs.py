@@ -62,10 +62,13 @@ def pid_and_keys() -> dict[str, Any]:
     """What a bundle can see of earlier calls' keys in its own process (nothing)."""
     import gc
 
+    from ray_confidential.crypto.encap import Encapsulation
     from ray_confidential.crypto.hpke import PrivateKeyHandle
 
-    handles = [o for o in gc.get_objects() if isinstance(o, PrivateKeyHandle)]
-    return {"pid": os.getpid(), "key_handles": len(handles)}
+    objects = gc.get_objects()
+    handles = [o for o in objects if isinstance(o, PrivateKeyHandle)]
+    encaps = [repr(o).rsplit(" ", 1)[-1].rstrip(">") for o in objects if isinstance(o, Encapsulation)]
+    return {"pid": os.getpid(), "key_handles": len(handles), "encapsulations": encaps}
 
 
 @rc.remote(domain="exec-a")

@@ -224,6 +224,9 @@ def test_domains_never_share_a_worker_and_later_calls_see_no_keys(env: Env) -> N
     a2 = env.open(env.client.call(pk, domain="exec-a"))
     assert a["pid"] != b["pid"] and a["pid"] == a2["pid"]
     assert a["key_handles"] == b["key_handles"] == a2["key_handles"] == 0
+    # All a worker keeps between calls: one unused HPKE encapsulation to the domain's public key, for
+    # its next result (crypto/encap.py). Every used one is gone: nothing of an earlier result's key.
+    assert a2["encapsulations"] == ["ready"] and b["encapsulations"] in ([], ["ready"])
     other_bundle = from_callable(conf_funcs.where)
     w = env.open(env.client.call(other_bundle, domain="exec-a"))
     assert w["pid"] not in (a["pid"], b["pid"])
