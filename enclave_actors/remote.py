@@ -56,7 +56,8 @@ def shim_bundle(value: Bundle | list[Any]) -> Bundle:
     calls send, unpacked once per worker and digest)."""
     if isinstance(value, Bundle):
         return value
-    bundle = _UNPACKED.get(value[0]) if isinstance(value, list) and value else None
+    named = value[0] if isinstance(value, list) and value else None
+    bundle = _UNPACKED.get(named) if isinstance(named, str) else None
     if bundle is None:
         bundle = Bundle.unpack(value)
         if len(_UNPACKED) >= 32:

@@ -79,6 +79,9 @@ def test_shim_reuses_an_unpacked_bundle_only_for_its_own_digest() -> None:
     assert first == VECTOR and shim_bundle(VECTOR.pack()) is first
     other = Bundle(module="pkg.mod", entry="f", files=(("pkg/mod.py", b"def f():\n    return 3\n"),))
     assert shim_bundle(other.pack()).digest == other.digest != VECTOR.digest
+    for malformed in ([["not", "a digest"], "pkg.mod", "f", []], [], "text"):
+        with pytest.raises(ValueError, match="malformed packed bundle"):
+            shim_bundle(malformed)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
