@@ -26,7 +26,7 @@ from typing import Final, NoReturn
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ray_confidential.crypto.hpke import SUITES, PublicKey
+from ray_confidential.crypto.hpke import SUITES, PublicKey, loaded_public_key
 
 _LABEL: Final = b"HPKE-v1"
 _X25519: Final = SUITES["x25519"]
@@ -117,7 +117,7 @@ def encapsulate(public_key: PublicKey) -> Encapsulation:
         raise ValueError("ahead-of-time encapsulation is implemented for the x25519 suite only")
     ephemeral = x25519.X25519PrivateKey.generate()
     enc = ephemeral.public_key().public_bytes_raw()
-    dh = ephemeral.exchange(x25519.X25519PublicKey.from_public_bytes(public_key.raw))
+    dh = ephemeral.exchange(loaded_public_key(public_key))
     return Encapsulation(public_key, enc, kem_shared_secret(dh, enc, public_key.raw))
 
 

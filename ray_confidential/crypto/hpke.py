@@ -110,14 +110,19 @@ _LOADED_PUBLIC: dict[PublicKey, Any] = {}
 """Recently used public keys, loaded (public data; a process wraps to a handful of domain keys)."""
 
 
-def wrap(public_key: PublicKey, plaintext: bytes, *, info: bytes) -> bytes:
-    """HPKE base-mode single-shot seal (RFC 9180 section 6.1): ``enc || ciphertext``."""
+def loaded_public_key(public_key: PublicKey) -> Any:
+    """``public_key`` as a cryptography key object, reused while it stays in use."""
     loaded = _LOADED_PUBLIC.get(public_key)
     if loaded is None:
         if len(_LOADED_PUBLIC) >= 64:
             _LOADED_PUBLIC.clear()
         loaded = _LOADED_PUBLIC[public_key] = public_key._to_crypto()
-    return _rust_suite(public_key.suite).encrypt(plaintext, loaded, info=info)
+    return loaded
+
+
+def wrap(public_key: PublicKey, plaintext: bytes, *, info: bytes) -> bytes:
+    """HPKE base-mode single-shot seal (RFC 9180 section 6.1): ``enc || ciphertext``."""
+    return _rust_suite(public_key.suite).encrypt(plaintext, loaded_public_key(public_key), info=info)
 
 
 class PrivateKeyHandle:
