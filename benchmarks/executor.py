@@ -10,7 +10,10 @@ so the plain task pays for touching its data too. Keys come from the embedded br
 after the first call (no broker round trip per call). The decryption rate d (AES-256-GCM
 decrypt_into, as in benchmarks/object_store.py; the best of two measurements, before and after the
 calls) is measured in the same run so that the 64 MiB figure can be compared "beyond the cost of
-decryption itself".
+decryption itself". As a diagnostic, not for the goal, it also measures the same decryption after
+sleeping as long as a plain call takes (what an executor worker does between the alternating calls):
+on a shared VM an idle CPU is slow to resume, and ``ratio_beyond_decrypt_after_idle`` shows how much
+of the gap that accounts for.
 Goals (issue 5): <= 0.5 ms added at p50 for small inputs; >= 0.8x plain throughput beyond decryption.
 
 The confidential and plain calls alternate, so both see the same load on a shared machine. The
@@ -88,7 +91,14 @@ def _interleaved(a: Any, b: Any, n: int) -> tuple[list[float], list[float]]:
     return ta, tb
 
 
-def decrypt_rate(size: int) -> float:
+def _per(x: float, seconds: float) -> float:
+    """``x / seconds``; infinite when nothing is left beyond decryption."""
+    return x / seconds if seconds > 0 else float("inf")
+
+
+def decrypt_times(size: int, *, idle_s: float = 0.0, n: int = 10) -> list[float]:
+    """Seconds per decryption of ``size`` bytes (as the executor's workers decrypt: 4 MiB chunks on
+    the thread pool), each after ``idle_s`` seconds asleep (0: back to back)."""
     from ray_confidential.crypto import stream
 
     key, prefix, aad = os.urandom(32), os.urandom(7), b"aad"
@@ -96,9 +106,12 @@ def decrypt_rate(size: int) -> float:
     sealed = bytearray(stream.sealed_length(size, 4 * MiB))
     stream.encrypt_segments(key, prefix, aad, [memoryview(data)], size, 4 * MiB, memoryview(sealed))
     out = bytearray(size)
-    best = min(_time(lambda: stream.decrypt_into(key, prefix, aad, memoryview(sealed), size, 4 * MiB,
-                                                 memoryview(out)), 10))  # fmt: skip
-    return size / best / MiB
+    times = []
+    for _ in range(n):
+        time.sleep(idle_s)
+        times += _time(lambda: stream.decrypt_into(key, prefix, aad, memoryview(sealed), size, 4 * MiB,
+                                                   memoryview(out)), 1)  # fmt: skip
+    return times
 
 
 def main() -> int:
@@ -142,23 +155,29 @@ def main() -> int:
             sref, pref = rc.put(table, domain="bench"), ray.put(table)
             first_conf += _time(lambda s=sref: rc.get(confidential_total.remote(s)), 1)
             first_plain += _time(lambda p=pref: ray.get(plain_total.remote(p)), 1)
-        d_before = decrypt_rate(64 * MiB)
+        best_before = min(decrypt_times(64 * MiB))
         conf, plain = _interleaved(lambda: rc.get(confidential_total.remote(sref)),
                                    lambda: ray.get(plain_total.remote(pref)), n_big)  # fmt: skip
         # The best rate of two measurements around the calls: the smallest decryption time this
         # machine achieved, so the figure "beyond decryption" never credits a slow measurement.
-        d = max(d_before, decrypt_rate(64 * MiB))
         size = 64
+        d = size / min(best_before, *decrypt_times(64 * MiB))
+        # Diagnostic only (the goal is judged on ``d``): in the benchmark an executor worker decrypts
+        # after idling while the plain call runs; the same decryption after that long asleep.
+        after_idle = size / statistics.median(decrypt_times(64 * MiB, idle_s=statistics.median(plain)))
 
         def figures(conf: list[float], plain: list[float]) -> dict[str, float]:
             conf_s, plain_s = statistics.median(conf), statistics.median(plain)
             beyond = conf_s - size / d  # confidential time minus the decryption itself
+            beyond_idle = conf_s - size / after_idle
             return {
                 "confidential_mib_s": size / conf_s,
                 "plain_mib_s": size / plain_s,
                 "decrypt_mib_s": d,
-                "confidential_beyond_decrypt_mib_s": size / beyond if beyond > 0 else float("inf"),
-                "ratio_beyond_decrypt": (plain_s / beyond) if beyond > 0 else float("inf"),
+                "confidential_beyond_decrypt_mib_s": _per(size, beyond),
+                "ratio_beyond_decrypt": _per(plain_s, beyond),
+                "decrypt_after_idle_mib_s": after_idle,
+                "ratio_beyond_decrypt_after_idle": _per(plain_s, beyond_idle),
             }
 
         results["arrow_64mib"] = {**figures(conf, plain), "calls": n_big,
@@ -175,7 +194,9 @@ def main() -> int:
     print(f"executor: small added p50 {s['added_p50_ms']:.2f} ms p99 {s['added_p99_ms']:.2f} ms "
           f"(goal <= 0.5 ms p50); 64 MiB arrow {b['confidential_mib_s']:.0f} MiB/s vs plain "
           f"{b['plain_mib_s']:.0f} MiB/s, beyond decryption {b['ratio_beyond_decrypt']:.2f}x of plain (goal >= 0.8x); "
-          f"first use of an object {b['first_use']['ratio_beyond_decrypt']:.2f}x")  # fmt: skip
+          f"first use of an object {b['first_use']['ratio_beyond_decrypt']:.2f}x; decryption back to back "
+          f"{b['decrypt_mib_s']:.0f} MiB/s, after idling as long as a plain call {b['decrypt_after_idle_mib_s']:.0f} MiB/s "
+          f"(beyond that: {b['ratio_beyond_decrypt_after_idle']:.2f}x, diagnostic)")  # fmt: skip
     return 0
 
 

@@ -74,11 +74,31 @@ def _latency(a: Any, b: Any, n: int) -> tuple[dict[str, float], dict[str, float]
     return _pcts(ta), _pcts(tb)
 
 
-def _throughput(submit: Any, fetch: Any, n: int) -> float:
-    t = time.perf_counter()
+def _throughput(submit: Any, fetch: Any, n: int, cpu: list[dict[str, float]]) -> float:
+    """Calls per second for ``n`` calls in flight; appends the CPU per call by role to ``cpu``."""
+    from benchmarks import cpu_accounting  # here, not at the top: executors import this module
+
+    before, t = cpu_accounting.snapshot(), time.perf_counter()
     refs = [submit() for _ in range(n)]
     fetch(refs)
-    return n / (time.perf_counter() - t)
+    rate = n / (time.perf_counter() - t)
+    cpu.append(cpu_accounting.per_call_ms(before, cpu_accounting.snapshot(), n))
+    return rate
+
+
+def _cpu_summary(conf: list[dict[str, float]], plain: list[dict[str, float]]) -> dict[str, Any]:
+    """Mean CPU per call by role over the rounds (``/proc`` counts in 10 ms ticks: the mean of all
+    rounds resolves finer than any one), and the throughput ratio the CPU alone allows when calls
+    are CPU-bound: as measured, and if the executor (daemon and workers) cost nothing."""
+    from benchmarks import cpu_accounting
+
+    c, p = (
+        {role: statistics.fmean(r[role] for r in rounds) for role in rounds[0]} for rounds in (conf, plain)
+    )
+    executor = sum(c[r] for r in cpu_accounting.EXECUTOR_ROLES)
+    return {"confidential_ms_per_call": c, "plain_ms_per_call": p,
+            "cpu_bound_ratio": p["total"] / c["total"],
+            "cpu_bound_ratio_zero_cost_executor": p["total"] / (c["total"] - executor)}  # fmt: skip
 
 
 def main() -> int:
@@ -118,12 +138,15 @@ def main() -> int:
             ("actor", lambda: conf_actor.add.remote(sx), lambda: plain_actor.add.remote(px)),
         ):
             c, p = _latency(lambda f=conf_call: rc.get(f()), lambda f=plain_call: ray.get(f()), n)
-            rounds = [(_throughput(conf_call, rc.get, n),
-                       _throughput(plain_call, ray.get, n)) for _ in range(3)]  # fmt: skip
+            cpu_conf: list[dict[str, float]] = []
+            cpu_plain: list[dict[str, float]] = []
+            rounds = [(_throughput(conf_call, rc.get, n, cpu_conf),
+                       _throughput(plain_call, ray.get, n, cpu_plain)) for _ in range(3)]  # fmt: skip
             ct, pt = (statistics.median(x) for x in zip(*rounds, strict=True))
             res[kind] = {"confidential": c, "plain": p, "added_p50_ms": c["p50_ms"] - p["p50_ms"],
                          "confidential_calls_per_s": ct, "plain_calls_per_s": pt,
-                         "throughput_ratio": statistics.median(a / b for a, b in rounds)}  # fmt: skip
+                         "throughput_ratio": statistics.median(a / b for a, b in rounds),
+                         "cpu": _cpu_summary(cpu_conf, cpu_plain)}  # fmt: skip
     finally:
         rc.shutdown()
         ray.shutdown()
@@ -135,7 +158,10 @@ def main() -> int:
     print(
         f"tasks: task added p50 {t['added_p50_ms']:.2f} ms, throughput {t['throughput_ratio']:.2f}x plain; "
         f"actor added p50 {a['added_p50_ms']:.2f} ms, throughput {a['throughput_ratio']:.2f}x plain "
-        "(goals <= 0.6 ms, >= 0.7x)"
+        "(goals <= 0.6 ms, >= 0.7x); CPU per call confidential/plain "
+        f"{t['cpu']['confidential_ms_per_call']['total']:.2f}/{t['cpu']['plain_ms_per_call']['total']:.2f} ms "
+        f"(task), with a zero-cost executor the CPU would allow {t['cpu']['cpu_bound_ratio_zero_cost_executor']:.2f}x "
+        f"(task), {a['cpu']['cpu_bound_ratio_zero_cost_executor']:.2f}x (actor)"
     )
     return 0
 
