@@ -17,6 +17,8 @@ from typing import Final
 
 ROLES: Final = ("driver", "ray_workers", "ray_system", "executor_daemon", "executor_workers", "other")
 EXECUTOR_ROLES: Final = ("executor_daemon", "executor_workers")
+_RAY_AGENTS: Final = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+"""Ray's per-node agents: named like workers, counted with the rest of Ray (metrics, runtime envs)."""
 
 
 def _role(pid: int, cmdline: str) -> str:
@@ -26,7 +28,7 @@ def _role(pid: int, cmdline: str) -> str:
         return "executor_workers"
     if "enclave_actors.cli" in cmdline or "ray-confidential executor" in cmdline:
         return "executor_daemon"
-    if cmdline.startswith("ray::"):
+    if cmdline.startswith("ray::") and not cmdline.startswith(_RAY_AGENTS):
         return "ray_workers"
     if "ray" in cmdline:
         return "ray_system"

@@ -17,6 +17,7 @@ def _burn(seconds: float) -> None:
 
 def test_roles_by_command_line() -> None:
     assert cpu_accounting._role(12345, "ray::_shim_task") == "ray_workers"
+    assert cpu_accounting._role(12345, "ray::DashboardAgent") == "ray_system"
     assert cpu_accounting._role(12345, "/usr/bin/python -m enclave_actors.worker 5 0") == "executor_workers"
     assert cpu_accounting._role(12345, "/usr/bin/python -m enclave_actors.cli executor --tee sev-snp") == (
         "executor_daemon"
