@@ -9,6 +9,9 @@ small-call throughput (a batch of calls in flight, then all results fetched). Th
 actor run the same function body on the same node. Goals (issue 7): <= 0.6 ms added per call at
 p50; >= 0.7x small-call throughput. Confidential and plain calls alternate (latency: call by call;
 throughput: three rounds each, the median ratio), so both see the same load on a shared machine.
+Around each throughput round it also reads every process's CPU time (``benchmarks/cpu_accounting``)
+and reports ``cpu``: ms per call by role (driver, Ray workers, the rest of Ray, executor daemon and
+workers), the throughput ratio the CPU alone allows, and that ratio were the executor free.
 """
 
 from __future__ import annotations
