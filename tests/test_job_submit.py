@@ -42,7 +42,9 @@ def _free_port() -> int:
 def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     temp_dir = Path(tempfile.mkdtemp(prefix="rcj-", dir="/tmp"))  # short: AF_UNIX path limit
     state = tmp_path_factory.mktemp("owner-state")
-    ports = {"port": _free_port(), "dashboard": _free_port(), "metrics": _free_port()}
+    # The job agent's HTTP port too: its default (52365) may still be held by the agent of a cluster an
+    # earlier test shut down, and an agent that cannot bind serves no jobs ("No available agent").
+    ports = {"port": _free_port(), "dashboard": _free_port(), "metrics": _free_port(), "agent": _free_port()}
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",
@@ -66,6 +68,8 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]
             str(ports["dashboard"]),
             "--metrics-export-port",
             str(ports["metrics"]),
+            "--dashboard-agent-listen-port",
+            str(ports["agent"]),
             "--temp-dir",
             str(temp_dir),
             "--num-cpus",
