@@ -133,6 +133,9 @@ def run(out: TextIO = sys.stdout, *, rows: int = 200_000) -> int:
             "include_dashboard": True,
             "dashboard_host": "127.0.0.1",
             "dashboard_port": dashboard_port,
+            # Not the default 52365: a node agent that finds its port taken (another Ray on this
+            # machine) stays up without its HTTP service, and the dashboard loses that node's logs.
+            "dashboard_agent_listen_port": _free_port(),
             "_system_config": {
                 "object_spilling_config": json.dumps(
                     {"type": "filesystem", "params": {"directory_path": str(spill_dir)}}
