@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from ray_confidential.testing import scan
+from tests.ray_helpers import free_port
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -32,19 +32,13 @@ MARKER = hashlib.sha256(b"quickstart-patient-0").hexdigest()[:24].encode()
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     temp_dir = Path(tempfile.mkdtemp(prefix="rcj-", dir="/tmp"))  # short: AF_UNIX path limit
     state = tmp_path_factory.mktemp("owner-state")
     # The job agent's HTTP port too: its default (52365) may still be held by the agent of a cluster an
     # earlier test shut down, and an agent that cannot bind serves no jobs ("No available agent").
-    ports = {"port": _free_port(), "dashboard": _free_port(), "metrics": _free_port(), "agent": _free_port()}
+    ports = {"port": free_port(), "dashboard": free_port(), "metrics": free_port(), "agent": free_port()}
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",
