@@ -24,7 +24,8 @@ A call (``op = "call"``), step by step as in :meth:`Executor.call`:
 7. Reply: sealed bytes, or ``task_error`` with the sealed detail (never the detail itself).
 
 Lifecycle: a poller reads the revocation epoch every ``poll_interval`` (<= 10 s); a new epoch drops
-every cached key and token and stops every worker and actor. When the broker stays unreachable for
+every cached key and token and stops every worker and actor (a call so stopped is answered
+``dropped``, which the shim sends once more: it attests again). When the broker stays unreachable for
 ``broker_wait`` seconds the executor fails closed (drops keys, stops workers, refuses calls with a
 clear error) until it answers again. A crashing or hanging bundle kills only its worker.
 
@@ -255,9 +256,9 @@ class Executor:
         self.inputs.clear()
         for dek, _ in deks.values():
             dek[:] = bytes(len(dek))
-        workers = self.pools.clear()
+        workers = self.pools.clear(reason)
         for actor in actors.values():
-            actor.worker.stop()
+            actor.worker.stop(reason)
         if deks or workers or actors:
             logger.warning("executor: dropped %d data keys, %d workers and %d actors (%s)", len(deks),
                            workers, len(actors), reason)  # fmt: skip
@@ -690,8 +691,16 @@ class Executor:
         request, inline, fds = self._request("actor_call", inputs, infos, h.get("params", {}), actor.out, digest,
                                              actor.domains)  # fmt: skip
         request["method"] = method
-        header, frames, out_fds = self._keep_inputs(inputs, self._run(
-            actor.worker, request, [*deks, *inline], fds, self._timeout(h), lambda: self.stop_actor(actor.actor_id)))  # fmt: skip
+        try:
+            reply = self._run(actor.worker, request, [*deks, *inline], fds, self._timeout(h),
+                              lambda: self.stop_actor(actor.actor_id))  # fmt: skip
+        except CallRefused as exc:
+            if exc.status != "dropped":
+                raise
+            raise CallRefused(
+                "dropped", f"{exc}: the enclave actor was stopped with it, its state is lost"
+            ) from None
+        header, frames, out_fds = self._keep_inputs(inputs, reply)
         return {**header, **self._trust_state(grant)}, frames, out_fds
 
     def stop_actor(self, actor_id: str) -> None:
@@ -747,6 +756,9 @@ class Executor:
                 ) from None
             except (ConnectionError, OSError, protocol.ProtocolError):
                 on_failure()
+                if worker.stopped_for is not None:  # drop_keys ended the call, not the bundle
+                    raise CallRefused("dropped", "the executor stopped this call when it dropped its keys "
+                                                 f"({worker.stopped_for})") from None  # fmt: skip
                 raise CallRefused("crashed", "the confidential call's worker process died") from None
             finally:
                 frames.clear()

@@ -90,7 +90,7 @@ def _raise_for(header: dict[str, Any], frames: list[bytes]) -> None:
         raise KeyReleaseDenied(message or "key release denied")
     if status == "unavailable":
         raise KeyReleaseDenied(message or "key broker unavailable; the executor fails closed")
-    if status in ("timeout", "crashed"):
+    if status in ("timeout", "crashed", "dropped"):
         raise CallFailed(None, f"confidential call failed: {message}")
     if status == "bad_request":
         raise ValueError(f"the enclave executor refused the request: {message}")
@@ -181,8 +181,9 @@ class ExecutorClient:
         digest = bundle.digest if bundle is not None else None
         send_bundle = bundle is not None and digest not in self._known
         fds: list[int] = []
+        resent = False
         try:
-            for _attempt in range(3):
+            for _attempt in range(4):
                 specs: list[dict[str, Any]] = []
                 frames: list[Any] = [*(d for _, d in bundle.files)] if send_bundle and bundle else []
                 n_src = len(frames)
@@ -205,6 +206,13 @@ class ExecutorClient:
                     send_bundle = True
                 elif status == "need_inputs" and any(known):
                     known = [False] * len(views)
+                elif status == "dropped" and header["op"] == "call" and not resent:
+                    # A key drop (revocation epoch, broker outage) stopped the task mid-way; a task has
+                    # no state, so send it once more: the executor attests again, and runs it only if
+                    # the broker still admits this node. Actor calls are not resent (state is lost).
+                    resent = True
+                    logging.getLogger(__name__).info("confidential call %s; sending it again",
+                                                     reply.header.get("message"))  # fmt: skip
                 else:
                     break
                 reply.close_fds()

@@ -56,6 +56,9 @@ class Worker:
         self.lock = threading.Lock()
         self.busy = False
         self.last_used = time.monotonic()
+        self.stopped_for: str | None = None
+        """Why the daemon stopped this worker on purpose (a key drop), so that a call it ends mid-way
+        is told so instead of "the worker died"; None until then."""
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "enclave_actors.worker", str(child.fileno()), str(memory_limit)],
@@ -86,7 +89,10 @@ class Worker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def stop(self) -> None:
+    def stop(self, reason: str | None = None) -> None:
+        """Kill the subprocess; ``reason`` (first one wins) marks a deliberate stop."""
+        if reason is not None and self.stopped_for is None:
+            self.stopped_for = reason
         try:
             self.sock.close()
         finally:
@@ -228,15 +234,16 @@ class WorkerPools:
             self._cond.notify_all()
         worker.stop()
 
-    def clear(self) -> int:
-        """Stop every worker, busy or not (revocation, failing closed, exit); how many there were."""
+    def clear(self, reason: str = "the executor dropped its keys") -> int:
+        """Stop every worker, busy or not (revocation, failing closed, exit); how many there were.
+        A call a busy worker was running learns ``reason`` (:attr:`Worker.stopped_for`)."""
         with self._cond:
             workers = [w for pool in self._pools.values() for w in pool]
             self._pools = {}
             self._generation += 1
             self._cond.notify_all()
         for w in workers:
-            w.stop()
+            w.stop(reason)
         return len(workers)
 
     def reap(self, idle_s: float = IDLE_S) -> int:

@@ -87,6 +87,13 @@ class Accumulator:
         self.total += float(np.sum(x))
         return self.total
 
+    def hold(self, folder: str, wait_s: float) -> float:
+        """Waits up to ``wait_s`` for a file in ``folder`` (a call the test can catch in flight)."""
+        deadline = time.monotonic() + wait_s
+        while not os.listdir(folder) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.total
+
     def where(self) -> dict[str, Any]:
         ctx = rc.context()
         return {"pid": os.getpid(), "node_id": ctx.node_id, "tee": ctx.tee, "domains": list(ctx.domains)}

@@ -407,6 +407,85 @@ def test_revocation_and_unreachable_broker(tmp_path: Path) -> None:
         broker.stop()
 
 
+def _in_background(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    done: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            done["value"] = fn()
+        except Exception as exc:
+            done["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, done
+
+
+def _wait_for_files(folder: Path, n: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(os.listdir(folder)) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(os.listdir(folder)) >= n
+
+
+def test_a_key_drop_mid_call_resends_a_task_and_ends_an_actor(tmp_path: Path) -> None:
+    """A revocation stops calls in flight with the keys (docs/executor.md "Lifecycle"). A stopped task
+    is sent once more and completes while the broker still admits the node; an actor's call fails and
+    its state is gone; when the revocation covers the node, the resent task gets no token."""
+    service = make_service(tmp_path / "state")
+    broker = EmbeddedBroker.start(tmp_path / "state")
+    ex = launch(broker)
+    try:
+        client, watcher = ExecutorClient(ex.socket), ExecutorClient(ex.socket)
+        env = Env(service, tmp_path / "state", ex, client, broker)
+        bundle = from_callable(conf_funcs.rendezvous)
+        arrivals = tmp_path / "arrivals"
+        arrivals.mkdir()
+        # The first run marks its arrival and waits for a second; only the resent run can be that one.
+        thread, done = _in_background(lambda: env.open(client.call(
+            bundle, domain="exec-a", args=[["j", str(arrivals)], ["j", 2], ["j", 30.0]])))  # fmt: skip
+        _wait_for_files(arrivals, 1)
+        first = next(iter(watcher.request({"op": "stats"}).header["workers"].values()))
+        broker.revoke("bundle", "ff" * 32)  # someone else's bundle: the epoch moves, this node stays good
+        thread.join(30)
+        assert "error" not in done, done
+        assert done["value"]["seen"] == 2 and done["value"]["pid"] != first
+        with pytest.raises(ProcessLookupError):
+            os.kill(first, 0)
+        assert "revocation epoch" in Path(ex.log).read_text()
+
+        # An actor's call in flight: it fails, and says its state is lost.
+        owner = ExecutorClient(ex.socket)
+        state = owner.actor_create(from_callable(conf_funcs.Accumulator), domain="exec-a", args=[["j", 5]])
+        held = tmp_path / "held"
+        held.mkdir()
+        thread, done = _in_background(lambda: owner.actor_call(
+            state["actor_id"], "hold", args=[["j", str(held)], ["j", 30.0]]))  # fmt: skip
+        time.sleep(0.3)  # the call reaches the actor's worker, which now waits for a file
+        broker.revoke("bundle", "ee" * 32)
+        thread.join(30)
+        assert isinstance(done.get("error"), SealedTaskError), done
+        assert "dropped its keys" in str(done["error"]) and "state is lost" in str(done["error"])
+        with pytest.raises(SealedTaskError, match="enclave actor is gone"):
+            owner.actor_call(state["actor_id"], "hold", args=[["j", str(held)], ["j", 0]])
+
+        # The revocation covers this node: the task stopped in flight is resent and gets no token.
+        shutil.rmtree(arrivals)
+        arrivals.mkdir()
+        thread, done = _in_background(lambda: client.call(
+            bundle, domain="exec-a", args=[["j", str(arrivals)], ["j", 2], ["j", 30.0]]))  # fmt: skip
+        _wait_for_files(arrivals, 1)
+        broker.revoke("node", ex.node_id)
+        thread.join(30)
+        assert isinstance(done.get("error"), KeyReleaseDenied) and "refused a token" in str(done["error"]), (
+            done
+        )
+        assert len(os.listdir(arrivals)) == 1  # the resent call never ran
+    finally:
+        stop(ex)
+        broker.stop()
+
+
 def test_untrusted_device_gets_no_token(env: Env) -> None:
     """A7: a node whose 'TEE' signs under a root the broker does not trust gets nothing."""
     ex = launch(env.broker, trusted=False)

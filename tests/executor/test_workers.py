@@ -21,12 +21,13 @@ _pids = itertools.count(1000)
 class FakeWorker:
     def __init__(self, bundle: Any, memory_limit: int) -> None:
         self.pid, self.busy, self.last_used, self.stopped = next(_pids), False, 0.0, False
+        self.stopped_for: str | None = None
 
     def alive(self) -> bool:
         return not self.stopped
 
-    def stop(self) -> None:
-        self.stopped = True
+    def stop(self, reason: str | None = None) -> None:
+        self.stopped, self.stopped_for = True, self.stopped_for or reason
 
 
 class Clock:
@@ -169,6 +170,19 @@ def test_clear_stops_busy_workers_and_one_started_meanwhile_is_not_kept() -> Non
     go.set()
     t.join(5)
     assert out and out[0].stopped and p.pids() == {}  # it served its call, then was stopped, not pooled
+
+
+def test_clear_tells_a_busy_workers_call_why_it_was_stopped() -> None:
+    p, _ = pools()
+    with p.lease(A, None, timeout=5) as busy:  # type: ignore[arg-type]
+        with p.lease(B, None, timeout=5) as other:  # type: ignore[arg-type]
+            pass
+        assert p.clear("revocation epoch 1 -> 2") == 2
+        assert busy.stopped and busy.stopped_for == "revocation epoch 1 -> 2"
+    assert other.stopped_for == "revocation epoch 1 -> 2" and p.pids() == {}
+    with p.lease(A, None, timeout=5) as fresh:  # type: ignore[arg-type]
+        p.discard(A, fresh)  # a crash: stopped without a reason, so its call reports a crash
+    assert fresh.stopped and fresh.stopped_for is None
 
 
 def test_bounds_are_checked() -> None:
