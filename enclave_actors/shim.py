@@ -211,7 +211,7 @@ class ExecutorClient:
                     # no state, so send it once more: the executor attests again, and runs it only if
                     # the broker still admits this node. Actor calls are not resent (state is lost).
                     resent = True
-                    logging.getLogger(__name__).info("confidential call %s; sending it again",
+                    logging.getLogger(__name__).info("confidential call stopped (%s); sending it again",
                                                      reply.header.get("message"))  # fmt: skip
                 else:
                     break
