@@ -57,6 +57,27 @@ def wait_for(predicate: Callable[[], object], what: str, timeout: float = 60.0) 
         time.sleep(0.1)
 
 
+NODE_LOST = "a Ray node of the test cluster died during set-up"
+"""Start of the error :func:`check_cluster_processes` raises; pyproject.toml reruns on it."""
+
+
+def check_cluster_processes(cluster: Any) -> None:
+    """Fail set-up if a process a ``Cluster`` node started has exited by itself: no test of the
+    product can pass on that cluster, and a rerun builds a new one. Nodes removed on purpose are not
+    checked. Seen in about one in five to ten set-ups of the seven-node placement fixture on two busy
+    cores: a raylet exits about 1-2 s after it registers, by SIGALRM, with empty logs. The raylet
+    calls ``alarm`` only in absl's failure-signal handler (a watchdog while it writes a crash
+    report), so the raylet crashed and its report hung; Ray's, not this project's.
+
+    Raises:
+        RuntimeError: ``NODE_LOST``, naming the node and its dead processes.
+    """
+    for node in [cluster.head_node, *cluster.worker_nodes]:
+        if node is not None and (dead := node.dead_processes()):
+            lost = sorted({f"{kind} (exit {proc.poll()})" for kind, proc in dead})
+            raise RuntimeError(f"{NODE_LOST}: node {node.node_id[:12]} lost {lost} (Ray infrastructure)")
+
+
 def registered_node_ids() -> set[str]:
     """The session's own verified registry view, refreshed now (what the next placement uses).
 

@@ -38,7 +38,7 @@ from ray_confidential.testing.tee_node import stop_executors
 from scheduler.calls import CLUSTER_ID_ENV, STATEMENT_KEY_ENV
 from scheduler.labels import POOL_LABEL, REGION_LABEL, TEE_LABEL
 from scheduler.registry_actor import REGISTRY_ACTOR_NAME, REGISTRY_NAMESPACE
-from tests.ray_helpers import process_alive, wait_for
+from tests.ray_helpers import check_cluster_processes, process_alive, wait_for
 from tests.ray_helpers import registered_node_ids as _registered
 from tests.scheduler import e2e_funcs as f
 
@@ -148,6 +148,7 @@ def env() -> Iterator[dict[str, Any]]:
             )
             rc.init(address=c.address, placement_wait_s=2)
             ids = {k: v.node_id for k, v in n.items()}
+            check_cluster_processes(c)
             yield {"cluster": c, "id": ids, "nodes": n, "broker": broker, "owner": owner, "proxy": proxy}
         finally:
             rc.shutdown()

@@ -34,7 +34,7 @@ from ray_confidential.testing import add_tee_node
 from ray_confidential.testing.simulated import default_measurement
 from ray_confidential.testing.tee_node import stop_executors
 from scheduler.labels import POOL_LABEL, REGION_LABEL, TEE_LABEL
-from tests.ray_helpers import process_alive, wait_for
+from tests.ray_helpers import check_cluster_processes, process_alive, wait_for
 from tests.ray_helpers import registered_node_ids as _registered
 from tests.scheduler import e2e_funcs as f
 
@@ -66,6 +66,7 @@ def env() -> Iterator[dict[str, Any]]:
             rc.create_domain(f.ANY)
         ids = {k: v.node_id for k, v in n.items()}
         _wait_admitted({ids[k] for k in "ACBM"})
+        check_cluster_processes(c)
         yield {"cluster": c, "id": ids, "nodes": n, "broker": embedded.current()}
     finally:
         rc.shutdown()

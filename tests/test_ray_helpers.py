@@ -1,0 +1,32 @@
+"""The multi-node fixtures' guard against a Ray node that dies by itself during set-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from ray._private.ray_constants import PROCESS_TYPE_RAYLET as RAYLET
+from ray.cluster_utils import Cluster
+
+from tests.ray_helpers import NODE_LOST, check_cluster_processes
+
+pytestmark = pytest.mark.ray
+
+
+def test_a_raylet_that_died_by_itself_fails_set_up_with_the_rerun_message() -> None:
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        node = c.add_node(num_cpus=1)
+        check_cluster_processes(c)  # all alive: no error
+        node.all_processes[RAYLET][0].process.kill()  # not through Ray: as if it crashed
+        node.all_processes[RAYLET][0].process.wait(10)
+        with pytest.raises(RuntimeError, match=NODE_LOST) as info:
+            check_cluster_processes(c)
+        assert node.node_id[:12] in str(info.value) and RAYLET in str(info.value)
+    finally:
+        c.shutdown()
+
+
+def test_pyproject_reruns_exactly_on_that_message() -> None:
+    pyproject = Path(__file__).parents[1].joinpath("pyproject.toml").read_text()
+    assert f'--only-rerun "{NODE_LOST}"' in pyproject
