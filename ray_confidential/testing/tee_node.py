@@ -57,7 +57,8 @@ class ExecutorProcess:
 EXECUTORS: dict[str, ExecutorProcess] = {}
 """node id -> executor started in this process (by :func:`add_tee_node` or ``rc.init``)."""
 _LOCK = threading.Lock()
-_STOPPED: set[int] = set()
+_STOPPED: set[subprocess.Popen[bytes]] = set()
+"""Executors already stopped (by process object: a pid may be reused by a later executor)."""
 
 
 def start_executor(
@@ -188,9 +189,9 @@ def stop_executor(ex: ExecutorProcess) -> None:
     with _LOCK:
         if EXECUTORS.get(ex.node_id) is ex:
             del EXECUTORS[ex.node_id]
-        if ex.pid in _STOPPED:
+        if ex.process in _STOPPED:
             return
-        _STOPPED.add(ex.pid)
+        _STOPPED.add(ex.process)
     if ex.process.poll() is None:
         ex.process.terminate()
         try:
