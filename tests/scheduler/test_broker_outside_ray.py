@@ -204,6 +204,9 @@ def test_a_node_killed_mid_call_the_retry_lands_on_the_other_qualifying_node(
     marks.mkdir()
     os.chmod(marks, 0o777)
     qualifying = {ids["A"], ids["C"]}
+    # Both must be routable when the call is placed, or its label selector names one node only and
+    # the retry has nowhere to go (seen on a doubly loaded machine, where C attested late).
+    wait_for(lambda: qualifying <= _registered(), "A and C are not both admitted")
     ref = f.mark_and_wait.options(pools=["snp-eu", "snp-az"], max_retries=1).remote(str(marks), 60.0)
     wait_for(lambda: any(p.name[:56] in qualifying for p in marks.iterdir()), "the call never started")
     (first,) = {p.name[:56] for p in marks.iterdir()}
