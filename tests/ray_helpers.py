@@ -64,10 +64,10 @@ NODE_LOST = "a Ray node of the test cluster died during set-up"
 def check_cluster_processes(cluster: Any) -> None:
     """Fail set-up if a process a ``Cluster`` node started has exited by itself: no test of the
     product can pass on that cluster, and a rerun builds a new one. Nodes removed on purpose are not
-    checked. Seen in about one in five to ten set-ups of the seven-node placement fixture on two busy
-    cores: a raylet exits about 1-2 s after it registers, by SIGALRM, with empty logs. The raylet
+    checked. Seen three times in about twenty set-ups of the seven-node placement fixture on two busy
+    cores: a raylet exits 1-2 s after it registers, by SIGALRM, with empty logs. The raylet binary
     calls ``alarm`` only in absl's failure-signal handler (a watchdog while it writes a crash
-    report), so the raylet crashed and its report hung; Ray's, not this project's.
+    report), so the raylet crashed inside Ray and its report hung.
 
     Raises:
         RuntimeError: ``NODE_LOST``, naming the node and its dead processes.
