@@ -88,9 +88,11 @@ class Accumulator:
         return self.total
 
     def hold(self, folder: str, wait_s: float) -> float:
-        """Waits up to ``wait_s`` for a file in ``folder`` (a call the test can catch in flight)."""
+        """Marks its arrival in ``folder``, then waits up to ``wait_s`` for a second file there (a
+        call the test can catch in flight)."""
+        open(os.path.join(folder, "arrived"), "w").close()
         deadline = time.monotonic() + wait_s
-        while not os.listdir(folder) and time.monotonic() < deadline:
+        while len(os.listdir(folder)) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         return self.total
 

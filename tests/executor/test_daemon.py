@@ -28,6 +28,7 @@ from ray_confidential.errors import AttestationError, DecryptionError, KeyReleas
 from ray_confidential.kbs.embedded import EmbeddedBroker
 from tests.executor import conf_funcs
 from tests.executor.conftest import Env, executor_start, launch, make_service, stop
+from tests.ray_helpers import wait_for
 
 TOTAL = from_callable(conf_funcs.total)
 DROP_PRIVS = ["setpriv", "--bounding-set=-sys_ptrace,-dac_override,-dac_read_search", "--inh-caps=-all"]
@@ -421,13 +422,6 @@ def _in_background(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
     return thread, done
 
 
-def _wait_for_files(folder: Path, n: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while len(os.listdir(folder)) < n and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert len(os.listdir(folder)) >= n
-
-
 def test_a_key_drop_mid_call_resends_a_task_and_ends_an_actor(tmp_path: Path) -> None:
     """A revocation stops calls in flight with the keys (docs/executor.md "Lifecycle"). A stopped task
     is sent once more and completes while the broker still admits the node; an actor's call fails and
@@ -444,7 +438,7 @@ def test_a_key_drop_mid_call_resends_a_task_and_ends_an_actor(tmp_path: Path) ->
         # The first run marks its arrival and waits for a second; only the resent run can be that one.
         thread, done = _in_background(lambda: env.open(client.call(
             bundle, domain="exec-a", args=[["j", str(arrivals)], ["j", 2], ["j", 30.0]])))  # fmt: skip
-        _wait_for_files(arrivals, 1)
+        wait_for(lambda: os.listdir(arrivals), "the call never started", timeout=20)
         first = next(iter(watcher.request({"op": "stats"}).header["workers"].values()))
         broker.revoke("bundle", "ff" * 32)  # someone else's bundle: the epoch moves, this node stays good
         thread.join(30)
@@ -461,7 +455,7 @@ def test_a_key_drop_mid_call_resends_a_task_and_ends_an_actor(tmp_path: Path) ->
         held.mkdir()
         thread, done = _in_background(lambda: owner.actor_call(
             state["actor_id"], "hold", args=[["j", str(held)], ["j", 30.0]]))  # fmt: skip
-        time.sleep(0.3)  # the call reaches the actor's worker, which now waits for a file
+        wait_for(lambda: os.listdir(held), "the actor's call never started", timeout=20)
         broker.revoke("bundle", "ee" * 32)
         thread.join(30)
         assert isinstance(done.get("error"), SealedTaskError), done
@@ -474,7 +468,7 @@ def test_a_key_drop_mid_call_resends_a_task_and_ends_an_actor(tmp_path: Path) ->
         arrivals.mkdir()
         thread, done = _in_background(lambda: client.call(
             bundle, domain="exec-a", args=[["j", str(arrivals)], ["j", 2], ["j", 30.0]]))  # fmt: skip
-        _wait_for_files(arrivals, 1)
+        wait_for(lambda: os.listdir(arrivals), "the call never started", timeout=20)
         broker.revoke("node", ex.node_id)
         thread.join(30)
         assert isinstance(done.get("error"), KeyReleaseDenied) and "refused a token" in str(done["error"]), (
